@@ -1,0 +1,61 @@
+"""Build the two C extensions: the guard core and the deliberate-crash library.
+
+The per-architecture thunk is assembly (.S, run through the C preprocessor by the C
+compiler); setuptools does not know that suffix, so build_ext is taught it.
+"""
+import platform
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ARCH_FILES = {
+    "x86_64": "src/ffiguard/_core/arch/x86_64.S",
+    "amd64": "src/ffiguard/_core/arch/x86_64.S",
+}
+
+machine = platform.machine().lower()
+core_sources = [
+    "src/ffiguard/_core/module.c",
+    "src/ffiguard/_core/state.c",
+    "src/ffiguard/_core/handler.c",
+    "src/ffiguard/_core/stubs.c",
+]
+core_macros = []
+if sys.platform.startswith("linux") and machine in ARCH_FILES:
+    core_sources.append(ARCH_FILES[machine])
+else:
+    # Builds and imports, but reports itself unsupported: ffiguard raises a clear
+    # UnsupportedPlatform error instead of failing to install.
+    core_macros.append(("FFG_NO_ARCH", "1"))
+
+WARN = ["-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        self.compiler.src_extensions.append(".S")
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "ffiguard._core",
+            sources=core_sources,
+            define_macros=core_macros,
+            extra_compile_args=WARN + ["-fno-strict-aliasing"],
+            libraries=["dl"],
+            # Bind every symbol at load time: no lazy binding inside the signal handler.
+            extra_link_args=["-Wl,-z,now"],
+        ),
+        # Deliberate faults of every kind, for `python -m ffiguard demo` and the tests.
+        # -g so reports can name source lines; -O1 keeps each crash where the source says.
+        Extension(
+            "ffiguard._crashers",
+            sources=["src/ffiguard/_crashers/crashers.c"],
+            extra_compile_args=WARN + ["-g", "-O1", "-UNDEBUG", "-fno-omit-frame-pointer"],
+        ),
+    ],
+    cmdclass={"build_ext": BuildExt},
+)

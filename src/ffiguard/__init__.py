@@ -1,0 +1,50 @@
+"""ffiguard: foreign calls that cannot crash Python.
+
+A fault inside a guarded foreign call (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, a stack
+overflow) raises an ffiguard.ForeignFault subclass that says what happened and where,
+and the program goes on.
+
+    import ctypes, ffiguard
+    libc = ffiguard.CDLL("libc.so.6")          # drop-in for ctypes.CDLL
+    libc.strlen.argtypes = [ctypes.c_char_p]
+    try:
+        libc.strlen(None)
+    except ffiguard.ForeignFault as e:
+        print(e)
+"""
+import importlib.util as _importlib_util
+import signal as _signal
+
+from . import _core
+from . import signals as _signals  # installs the handlers
+from ._core import GuardedFunction
+from .faults import (
+    ArithmeticFault, BusError, ForeignAbort, ForeignFault, ForeignStackOverflow,
+    IllegalInstruction, SegmentationFault, UnsupportedPlatform,
+)
+from .for_ctypes import CDLL, cdll, guard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CDLL", "cdll", "guard", "GuardedFunction", "stats", "crashers_path",
+    "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
+    "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "UnsupportedPlatform",
+]
+
+
+def stats():
+    """Faults recovered in this process so far: {"recovered": n, "by_signal": {...}}.
+
+    Every recovered fault interrupted foreign code mid-way; a growing count is a reason
+    to distrust the process's state (see ForeignFault)."""
+    by_signal = {s.name: _core.recovered(int(s)) for s in _signals.TRAPPED}
+    return {"recovered": _core.recovered(0), "by_signal": by_signal}
+
+
+def crashers_path():
+    """Path of the shared library of deliberate faults used by the demo and the tests."""
+    return _importlib_util.find_spec("ffiguard._crashers").origin
+
+
+del _signal

@@ -1,0 +1,88 @@
+/* x86-64 guard thunk. Every guarded function's stub loads the real target into r11
+ * (no argument lives there) and jumps here.
+ *
+ * When the calling thread armed this call (its GuardedFunction set thread->armed),
+ * the thunk pops the caller's return address into a new frame on the thread's guard
+ * stack, saves the stack pointer and callee-saved registers there, and *calls* the
+ * target: the call pushes our return address into the very slot the caller's held,
+ * so the target sees exactly the stack and registers the caller built (stack args,
+ * varargs with %al, struct returns all pass through). On return it pops the frame
+ * and returns to the caller. Calls and returns stay paired for the return predictor.
+ *
+ * When the call is not armed (the stub was reached some other way: a C caller, a
+ * cast of the function pointer) it just jumps to the target: no guard, no cost.
+ *
+ * The signal handler recovers a faulting call by resuming at ffg_thunk_return with
+ * rsp, rbx (= the frame), rbp and r12-r15 taken from the frame: the same return path.
+ */
+#include "x86_64.h"
+
+#define T_TOP 0
+#define T_END 8
+#define T_ARMED 16
+
+    .text
+    .globl  ffg_thunk
+    .hidden ffg_thunk
+    .type   ffg_thunk, @function
+    .p2align 4
+ffg_thunk:
+    .cfi_startproc
+    movq    ffg_tls@GOTTPOFF(%rip), %r10
+    movq    %fs:(%r10), %r10            /* r10 = this thread's guard state, or NULL */
+    testq   %r10, %r10
+    jz      .Lunguarded
+    cmpq    $0, T_ARMED(%r10)
+    je      .Lunguarded
+    pushq   %rbx                        /* below the return address: ours to use */
+    .cfi_adjust_cfa_offset 8
+    .cfi_remember_state
+    movq    T_TOP(%r10), %rbx           /* rbx = the new frame; the target preserves it */
+    cmpq    T_END(%r10), %rbx
+    jae     .Lfull
+    movq    %r11, F_TARGET(%rbx)
+    movq    T_ARMED(%r10), %r11
+    movq    %r11, F_TOKEN(%rbx)
+    movq    $0, T_ARMED(%r10)           /* nested calls must be armed anew */
+    leaq    FRAME_SIZE(%rbx), %r11
+    movq    %r11, T_TOP(%r10)
+    popq    F_RBX(%rbx)
+    popq    F_RET(%rbx)
+    /* From here until the frame is popped, the caller's return address is in the
+     * guard frame, not on the stack: tell unwinders the chain ends here. */
+    .cfi_undefined rip
+    movq    %rsp, F_SP(%rbx)
+    movq    %rbp, F_RBP(%rbx)
+    movq    %r12, F_R12(%rbx)
+    movq    %r13, F_R13(%rbx)
+    movq    %r14, F_R14(%rbx)
+    movq    %r15, F_R15(%rbx)
+    stmxcsr F_MXCSR(%rbx)
+    fnstcw  F_FPUCW(%rbx)
+    call    *F_TARGET(%rbx)
+
+    .globl  ffg_thunk_return
+    .hidden ffg_thunk_return
+ffg_thunk_return:                       /* rax/rdx/xmm0/xmm1/st0 hold the result */
+    movq    ffg_tls@GOTTPOFF(%rip), %r10
+    movq    %fs:(%r10), %r10
+    movq    %rbx, T_TOP(%r10)           /* pop the frame */
+    movq    F_RET(%rbx), %r11
+    movq    F_RBX(%rbx), %rbx
+    pushq   %r11
+    ret
+
+.Lfull:                                 /* guard stack exhausted: call unguarded */
+    .cfi_restore_state
+    popq    %rbx
+    .cfi_adjust_cfa_offset -8
+.Lunguarded:
+    jmp     *%r11
+    .cfi_endproc
+
+    .globl  ffg_thunk_end
+    .hidden ffg_thunk_end
+ffg_thunk_end:
+    .size   ffg_thunk, ffg_thunk_end - ffg_thunk
+
+    .section .note.GNU-stack,"",@progbits

@@ -1,0 +1,98 @@
+/* x86-64 (System V ABI): the guard frame's layout and the signal-context fields the
+ * handler reads and rewrites. Included by x86_64.S (offsets only) and by the C core.
+ *
+ * A guard frame holds what the thunk must give back to the caller when the foreign
+ * call does not return normally: its return address, its stack pointer after the
+ * thunk popped that address, the callee-saved registers, and the SSE/x87 control
+ * words (the ABI says they are preserved across calls).
+ */
+#ifndef FFG_ARCH_X86_64_H
+#define FFG_ARCH_X86_64_H
+
+#define F_RET 0
+#define F_SP 8
+#define F_RBX 16
+#define F_RBP 24
+#define F_R12 32
+#define F_R13 40
+#define F_R14 48
+#define F_R15 56
+#define F_TARGET 64
+#define F_TOKEN 72
+#define F_MXCSR 80
+#define F_FPUCW 84
+#define FRAME_SIZE 88
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+#include <string.h>
+#include <ucontext.h>
+
+struct ffg_frame {
+    uint64_t ret;    /* the caller's return address, popped off its stack */
+    uint64_t sp;     /* the stack pointer after that pop */
+    uint64_t rbx, rbp, r12, r13, r14, r15;
+    uint64_t target; /* the foreign function called */
+    uint64_t token;  /* which GuardedFunction call this frame belongs to */
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    uint16_t pad;
+};
+
+#define FFG_ARCH_NAME "x86_64"
+#define FFG_NREGS 23 /* the general registers saved in the signal context */
+
+/* Names of uc_mcontext.gregs[i], in glibc's REG_* order. */
+#define FFG_REG_NAMES                                                                    \
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx", \
+        "rax", "rcx", "rsp", "rip", "eflags", "csgsfs", "err", "trapno", "oldmask", "cr2"
+
+static inline uintptr_t ffg_uc_pc(const ucontext_t *uc) { return (uintptr_t)uc->uc_mcontext.gregs[REG_RIP]; }
+static inline uintptr_t ffg_uc_sp(const ucontext_t *uc) { return (uintptr_t)uc->uc_mcontext.gregs[REG_RSP]; }
+
+static inline void ffg_uc_regs(const ucontext_t *uc, uint64_t *out)
+{
+    memcpy(out, uc->uc_mcontext.gregs, FFG_NREGS * sizeof(uint64_t));
+}
+
+/* What the faulting access was, from the page-fault error code the kernel stores:
+ * 0 unknown, 1 read, 2 write, 3 instruction fetch. */
+static inline int ffg_uc_access(const ucontext_t *uc)
+{
+    if (uc->uc_mcontext.gregs[REG_TRAPNO] != 14) /* not a page fault */
+        return 0;
+    greg_t err = uc->uc_mcontext.gregs[REG_ERR];
+    if (err & 0x10)
+        return 3;
+    return (err & 0x2) ? 2 : 1;
+}
+
+/* Make sigreturn resume at the thunk's return path as if the foreign function had
+ * returned 0: stack and callee-saved registers from the frame, rbx = the frame (the
+ * return path expects it there), flags and FPU control as the ABI promises at a
+ * call boundary. Async-signal-safe: it only edits the saved context. */
+static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame, uintptr_t resume)
+{
+    greg_t *g = uc->uc_mcontext.gregs;
+    g[REG_RIP] = (greg_t)resume;
+    g[REG_RSP] = (greg_t)frame->sp;
+    g[REG_RBX] = (greg_t)(uintptr_t)frame;
+    g[REG_RBP] = (greg_t)frame->rbp;
+    g[REG_R12] = (greg_t)frame->r12;
+    g[REG_R13] = (greg_t)frame->r13;
+    g[REG_R14] = (greg_t)frame->r14;
+    g[REG_R15] = (greg_t)frame->r15;
+    g[REG_RAX] = 0;
+    g[REG_RDX] = 0;
+    g[REG_EFL] &= ~(greg_t)0x400; /* DF: glibc's backward memmove may have left it set */
+    struct _libc_fpstate *fp = uc->uc_mcontext.fpregs;
+    if (fp) {
+        fp->mxcsr = frame->mxcsr;
+        fp->cwd = frame->fpucw;
+        fp->swd = 0; /* x87 stack empty, no pending exceptions: as at any call boundary */
+        fp->ftw = 0;
+        memset(&fp->_xmm[0], 0, sizeof(struct _libc_xmmreg)); /* xmm0 = 0.0: a float result reads as 0 */
+    }
+}
+#endif /* __ASSEMBLER__ */
+#endif

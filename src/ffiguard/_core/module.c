@@ -1,0 +1,438 @@
+/* ffiguard._core: Python bindings only.
+ *
+ * GuardedFunction is what users call. It forwards to the wrapped ctypes function
+ * object through vectorcall, after arming this thread's guard, and afterwards tests
+ * the thread's fault record (one TLS load and a compare) before returning: no Python
+ * frame, no errcheck, on the path of every call.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include "state.h"
+
+#include <dlfcn.h>
+#include <link.h>
+#include <errno.h>
+#include <stddef.h>
+#include <unwind.h>
+
+#if PY_VERSION_HEX < 0x030A0000
+#define Py_TPFLAGS_FFG_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
+static inline PyObject *Py_NewRef(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+#else
+#define Py_TPFLAGS_FFG_VECTORCALL Py_TPFLAGS_HAVE_VECTORCALL
+#endif
+
+static PyObject *fault_factory; /* ffiguard.faults.from_record, set at import */
+
+static const char *const register_names[FFG_NREGS] = {FFG_REG_NAMES};
+static const char *const access_names[] = {NULL, "read", "write", "execute"};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *wrapped; /* the ctypes function object */
+    PyObject *name;    /* str, for reports */
+    vectorcallfunc vectorcall;
+} GuardedFunction;
+
+static struct ffg_thread *thread_state(void)
+{
+    struct ffg_thread *t = ffg_tls;
+    if (t)
+        return t;
+    t = ffg_thread_attach();
+    if (!t)
+        PyErr_SetFromErrno(PyExc_OSError);
+    return t;
+}
+
+/* The fault record as a dict; ffiguard.faults turns it into the exception. */
+static PyObject *fault_as_dict(const struct ffg_fault *r)
+{
+    PyObject *pcs = PyTuple_New(r->npcs);
+    PyObject *regs = PyDict_New();
+    if (!pcs || !regs)
+        goto fail;
+    for (int i = 0; i < r->npcs; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(r->pcs[i]);
+        if (!v)
+            goto fail;
+        PyTuple_SET_ITEM(pcs, i, v);
+    }
+    for (int i = 0; i < FFG_NREGS; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(r->regs[i]);
+        if (!v || PyDict_SetItemString(regs, register_names[i], v) < 0) {
+            Py_XDECREF(v);
+            goto fail;
+        }
+        Py_DECREF(v);
+    }
+    PyObject *address = r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None);
+    const char *access = access_names[r->access];
+    PyObject *d = Py_BuildValue("{s:i,s:i,s:N,s:K,s:K,s:K,s:s,s:O,s:i,s:N,s:N}",
+                                "signal", r->signo, "code", r->code, "address", address,
+                                "pc", (unsigned long long)r->pc, "sp", (unsigned long long)r->sp,
+                                "target", (unsigned long long)r->target, "access", access,
+                                "stack_overflow", r->stack_overflow ? Py_True : Py_False,
+                                "sender", (int)r->sender, "frames", pcs, "registers", regs);
+    return d;
+fail:
+    Py_XDECREF(pcs);
+    Py_XDECREF(regs);
+    return NULL;
+}
+
+/* Turn this thread's pending fault into the exception, consuming the record. Whatever
+ * the call produced meanwhile (a zero result, or an exception from restype conversion
+ * or errcheck) is dropped; such an exception becomes the new one's __context__. */
+static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObject *result)
+{
+    struct ffg_fault copy = t->fault;
+    t->fault.token = 0;
+    Py_XDECREF(result);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type) {
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb)
+            PyException_SetTraceback(value, tb);
+    }
+    PyObject *record = fault_as_dict(&copy);
+    PyObject *exc = record && fault_factory
+                        ? PyObject_CallFunctionObjArgs(fault_factory, record, self->name, NULL)
+                        : NULL;
+    Py_XDECREF(record);
+    if (!exc && !PyErr_Occurred())
+        PyErr_SetString(PyExc_SystemError, "ffiguard: fault factory not set");
+    if (exc) {
+        if (value)
+            PyException_SetContext(exc, Py_NewRef(value));
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return NULL;
+}
+
+static PyObject *gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    GuardedFunction *self = (GuardedFunction *)op;
+    struct ffg_thread *t = ffg_tls;
+    if (__builtin_expect(t == NULL, 0) && !(t = thread_state()))
+        return NULL;
+    uint64_t outer = t->armed;
+    uint64_t token = ++t->next_token;
+    t->armed = token; /* the thunk takes it into the guard frame and clears it */
+    PyObject *result = PyObject_Vectorcall(self->wrapped, args, nargsf, kwnames);
+    t->armed = outer;
+    if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
+        return raise_fault(self, t, result);
+    return result;
+}
+
+static PyObject *gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"function", "name", NULL};
+    PyObject *wrapped, *name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:GuardedFunction", kwlist, &wrapped, &name))
+        return NULL;
+    if (!PyCallable_Check(wrapped)) {
+        PyErr_Format(PyExc_TypeError, "GuardedFunction needs a callable ctypes function, not %.200s",
+                     Py_TYPE(wrapped)->tp_name);
+        return NULL;
+    }
+    GuardedFunction *self = (GuardedFunction *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->wrapped = Py_NewRef(wrapped);
+    self->name = name && name != Py_None ? Py_NewRef(name) : PyObject_GetAttrString(wrapped, "__name__");
+    if (!self->name) {
+        PyErr_Clear();
+        self->name = Py_NewRef(Py_None);
+    }
+    self->vectorcall = gf_vectorcall;
+    return (PyObject *)self;
+}
+
+static int gf_traverse(GuardedFunction *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->wrapped);
+    Py_VISIT(self->name);
+    return 0;
+}
+
+static int gf_clear(GuardedFunction *self)
+{
+    Py_CLEAR(self->wrapped);
+    Py_CLEAR(self->name);
+    return 0;
+}
+
+static void gf_dealloc(GuardedFunction *self)
+{
+    PyObject_GC_UnTrack(self);
+    gf_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Our own attributes first (__wrapped__, _as_parameter_, __class__ ...), then the
+ * ctypes function's: argtypes, restype, errcheck, __name__. */
+static PyObject *gf_getattro(PyObject *op, PyObject *name)
+{
+    PyObject *v = PyObject_GenericGetAttr(op, name);
+    if (v || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return v;
+    PyErr_Clear();
+    return PyObject_GetAttr(((GuardedFunction *)op)->wrapped, name);
+}
+
+static int gf_setattro(PyObject *op, PyObject *name, PyObject *value)
+{
+    return PyObject_SetAttr(((GuardedFunction *)op)->wrapped, name, value);
+}
+
+static PyObject *gf_repr(GuardedFunction *self)
+{
+    return PyUnicode_FromFormat("<ffiguard.GuardedFunction %R wrapping %R>", self->name, self->wrapped);
+}
+
+static PyObject *gf_get_wrapped(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->wrapped);
+}
+
+static PyObject *gf_get_name(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->name);
+}
+
+static PyGetSetDef gf_getset[] = {
+    {"__wrapped__", (getter)gf_get_wrapped, NULL, "the ctypes function object called", NULL},
+    {"_as_parameter_", (getter)gf_get_wrapped, NULL,
+     "lets ctypes accept a GuardedFunction wherever it accepts the function itself", NULL},
+    {"__guarded_name__", (getter)gf_get_name, NULL, "the name used in fault reports", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GuardedFunction_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ffiguard.GuardedFunction",
+    .tp_doc = PyDoc_STR("GuardedFunction(function, name=None)\n--\n\n"
+                        "A ctypes function whose faults raise ffiguard.ForeignFault instead of "
+                        "killing the process.\nAttributes (argtypes, restype, errcheck, ...) are "
+                        "those of the wrapped function."),
+    .tp_basicsize = sizeof(GuardedFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_FFG_VECTORCALL,
+    .tp_new = gf_new,
+    .tp_dealloc = (destructor)gf_dealloc,
+    .tp_traverse = (traverseproc)gf_traverse,
+    .tp_clear = (inquiry)gf_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(GuardedFunction, vectorcall),
+    .tp_getattro = gf_getattro,
+    .tp_setattro = gf_setattro,
+    .tp_repr = (reprfunc)gf_repr,
+    .tp_getset = gf_getset,
+};
+
+/* ---- module functions --------------------------------------------------------------- */
+
+static PyObject *m_stub(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    uintptr_t target = (uintptr_t)PyLong_AsVoidPtr(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!target) {
+        PyErr_SetString(PyExc_ValueError, "cannot guard a NULL function pointer");
+        return NULL;
+    }
+    uintptr_t stub = ffg_stub_new(target);
+    if (!stub)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromVoidPtr((void *)stub);
+}
+
+static PyObject *m_stub_target(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    uintptr_t stub = (uintptr_t)PyLong_AsVoidPtr(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    uintptr_t target = ffg_stub_target(stub);
+    if (!target)
+        Py_RETURN_NONE;
+    return PyLong_FromVoidPtr((void *)target);
+}
+
+static PyObject *m_install(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    PyObject *seq = PySequence_Fast(arg, "install() takes a sequence of signal numbers");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int sigs[64];
+    if (n > 64) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many signals");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sigs[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (sigs[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    if (ffg_handlers_install(sigs, (int)n) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_refresh(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    return PyLong_FromLong(ffg_handlers_refresh());
+}
+
+static PyObject *m_uninstall(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    ffg_handlers_uninstall();
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_is_trapped(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    long s = PyLong_AsLong(arg);
+    if (s == -1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(ffg_is_trapped((int)s));
+}
+
+static PyObject *m_recovered(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    long s = PyLong_AsLong(arg);
+    if (s == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(ffg_recovered_count((int)s));
+}
+
+static PyObject *m_previous_snapshot(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    size_t size = ffg_prev_snapshot(NULL, 0);
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (b)
+        ffg_prev_snapshot(PyBytes_AS_STRING(b), size);
+    return b;
+}
+
+static PyObject *m_previous_restore(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    if (!PyBytes_Check(arg) || (size_t)PyBytes_GET_SIZE(arg) != ffg_prev_snapshot(NULL, 0)) {
+        PyErr_SetString(PyExc_ValueError, "not a snapshot from previous_snapshot()");
+        return NULL;
+    }
+    ffg_prev_restore(PyBytes_AS_STRING(arg));
+    Py_RETURN_NONE;
+}
+
+/* dladdr(pc) -> (object path, object base, symbol or None, symbol address or 0), or None.
+ * A symbol is named only when pc lies inside it (its size says so): dladdr alone names
+ * the nearest exported symbol below pc, which for an unexported function is wrong. */
+static PyObject *m_dladdr(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    void *pc = PyLong_AsVoidPtr(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    Dl_info info;
+    const ElfW(Sym) *sym = NULL;
+    if (!pc || !dladdr1(pc, &info, (void **)&sym, RTLD_DL_SYMENT) || !info.dli_fname)
+        Py_RETURN_NONE;
+    uintptr_t start = (uintptr_t)info.dli_saddr;
+    if (!info.dli_sname || !sym || (uintptr_t)pc >= start + (sym->st_size ? sym->st_size : 1)) {
+        info.dli_sname = NULL;
+        start = 0;
+    }
+    return Py_BuildValue("(sKzK)", info.dli_fname, (unsigned long long)(uintptr_t)info.dli_fbase,
+                         info.dli_sname, (unsigned long long)start);
+}
+
+static PyObject *m_set_fault_factory(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    Py_XSETREF(fault_factory, Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"stub", m_stub, METH_O, "stub(target) -> address of a new guard stub calling target"},
+    {"stub_target", m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
+    {"install", m_install, METH_O, "install(signals): trap these signals"},
+    {"refresh", m_refresh, METH_NOARGS, "put our handlers back on top; returns how many moved"},
+    {"uninstall", m_uninstall, METH_NOARGS, "restore the previous handlers"},
+    {"is_trapped", m_is_trapped, METH_O, "is_trapped(signum) -> bool"},
+    {"recovered", m_recovered, METH_O, "recovered(signum or 0) -> faults recovered"},
+    {"previous_snapshot", m_previous_snapshot, METH_NOARGS, "the chained handlers, as bytes"},
+    {"previous_restore", m_previous_restore, METH_O, "restore previous_snapshot()"},
+    {"dladdr", m_dladdr, METH_O, "dladdr(pc) -> (path, base, symbol, symbol_address) or None"},
+    {"set_fault_factory", m_set_fault_factory, METH_O, "set the record -> exception callable"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "ffiguard._core", "ffiguard's C core: stubs, thunk, fault handlers.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+static _Unwind_Reason_Code count_frame(struct _Unwind_Context *ctx, void *arg)
+{
+    (void)ctx;
+    ++*(int *)arg;
+    return _URC_NO_REASON;
+}
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    if (PyType_Ready(&GuardedFunction_Type) < 0)
+        return NULL;
+    if (ffg_state_init() != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* Load and warm libgcc's unwinder now, not first inside a signal handler. */
+    int depth = 0;
+    _Unwind_Backtrace(count_frame, &depth);
+
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&GuardedFunction_Type);
+    if (PyModule_AddObject(m, "GuardedFunction", (PyObject *)&GuardedFunction_Type) < 0 ||
+        PyModule_AddStringConstant(m, "ARCH", FFG_ARCH_NAME) < 0 ||
+#ifdef FFG_NO_ARCH
+        PyModule_AddIntConstant(m, "SUPPORTED", 0) < 0 ||
+#else
+        PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
+#endif
+        PyModule_AddIntConstant(m, "MAX_FRAMES", FFG_MAX_PCS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_NESTING", FFG_MAX_FRAMES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

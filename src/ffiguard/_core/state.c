@@ -1,0 +1,122 @@
+/* Per-thread guard state: made on a thread's first guarded call, freed when the
+ * thread exits. Each thread also gets an alternate signal stack, so that a stack
+ * overflow in foreign code still reaches the handler.
+ */
+#define _GNU_SOURCE
+#include "state.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+__thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exec")));
+
+#ifndef FFG_NO_ARCH
+/* The thunk reads these fields at fixed offsets. */
+_Static_assert(offsetof(struct ffg_thread, top) == 0, "T_TOP");
+_Static_assert(offsetof(struct ffg_thread, end) == 8, "T_END");
+_Static_assert(offsetof(struct ffg_thread, armed) == 16, "T_ARMED");
+_Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
+_Static_assert(offsetof(struct ffg_frame, sp) == F_SP, "F_SP");
+_Static_assert(offsetof(struct ffg_frame, target) == F_TARGET, "F_TARGET");
+_Static_assert(offsetof(struct ffg_frame, token) == F_TOKEN, "F_TOKEN");
+_Static_assert(offsetof(struct ffg_frame, mxcsr) == F_MXCSR, "F_MXCSR");
+_Static_assert(offsetof(struct ffg_frame, fpucw) == F_FPUCW, "F_FPUCW");
+#endif
+
+#define ALTSTACK_MIN (128 * 1024) /* the unwinder needs a few KiB; pages are touched lazily */
+
+static pthread_key_t thread_key;
+
+static size_t page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+static size_t altstack_size(void)
+{
+    size_t size = ALTSTACK_MIN;
+#ifdef AT_MINSIGSTKSZ
+    size_t kernel_min = (size_t)getauxval(AT_MINSIGSTKSZ); /* grows with AVX-512, AMX, SVE */
+    if (kernel_min * 4 > size)
+        size = kernel_min * 4;
+#endif
+    return round_up(size, page_size());
+}
+
+/* Runs at thread exit (pthread key destructor): give back the alternate stack first,
+ * so no signal can land on memory about to be unmapped. */
+static void thread_detach(void *p)
+{
+    struct ffg_thread *t = p;
+    ffg_tls = NULL;
+    if (t->owns_altstack) {
+        stack_t none = {.ss_flags = SS_DISABLE};
+        sigaltstack(t->previous_altstack.ss_flags & SS_DISABLE ? &none : &t->previous_altstack, NULL);
+    }
+    munmap(t, t->mapping_size);
+}
+
+static void record_stack_bounds(struct ffg_thread *t)
+{
+    pthread_attr_t attr;
+    void *lo;
+    size_t size;
+    if (pthread_getattr_np(pthread_self(), &attr) != 0)
+        return;
+    if (pthread_attr_getstack(&attr, &lo, &size) == 0) {
+        t->stack_lo = (uintptr_t)lo;
+        t->stack_hi = (uintptr_t)lo + size;
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* Layout of one mapping: [struct ffg_thread][guard page][alternate signal stack]. */
+struct ffg_thread *ffg_thread_attach(void)
+{
+    size_t page = page_size();
+    size_t head = round_up(sizeof(struct ffg_thread), page);
+    size_t alt = altstack_size();
+    size_t total = head + page + alt;
+    char *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED)
+        return NULL;
+    mprotect(base + head, page, PROT_NONE); /* an overflow of the handler's stack faults */
+
+    struct ffg_thread *t = (struct ffg_thread *)base;
+    t->mapping_size = total;
+    t->top = t->frames;
+    t->end = t->frames + FFG_MAX_FRAMES;
+    record_stack_bounds(t);
+
+    stack_t current;
+    if (sigaltstack(NULL, &current) == 0 &&
+        ((current.ss_flags & SS_DISABLE) || current.ss_size < alt)) {
+        stack_t ours = {.ss_sp = base + head + page, .ss_size = alt, .ss_flags = 0};
+        if (sigaltstack(&ours, NULL) == 0) {
+            t->previous_altstack = current;
+            t->owns_altstack = 1;
+        }
+    }
+    if (pthread_setspecific(thread_key, t) != 0) {
+        int saved = errno;
+        thread_detach(t);
+        errno = saved;
+        return NULL;
+    }
+    ffg_tls = t;
+    return t;
+}
+
+int ffg_state_init(void)
+{
+    int err = pthread_key_create(&thread_key, thread_detach);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,92 @@
+/* Per-thread guard state, the fault record, and the interfaces between the C files.
+ *
+ * A thread's state is one mmap'd block (never the Python heap, never malloc, so the
+ * signal handler may read and write it) reached through one initial-exec TLS pointer,
+ * ffg_tls, which the assembly thunk reads too. The first three fields are at fixed
+ * offsets the thunk uses (T_TOP, T_END, T_ARMED in arch/<arch>.S).
+ */
+#ifndef FFG_STATE_H
+#define FFG_STATE_H
+
+#include <setjmp.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifndef FFG_NO_ARCH
+#if defined(__x86_64__)
+#include "arch/x86_64.h"
+#else
+#error "ffiguard: no thunk for this architecture (build with FFG_NO_ARCH)"
+#endif
+#else
+struct ffg_frame { uint64_t ret, sp, target, token; };
+#define FFG_ARCH_NAME "unsupported"
+#define FFG_NREGS 1
+#define FFG_REG_NAMES "pc"
+#endif
+
+#define FFG_MAX_FRAMES 256 /* guarded calls nested on one thread (via callbacks) */
+#define FFG_MAX_PCS 64     /* native backtrace depth kept per fault */
+
+enum ffg_access { FFG_ACCESS_UNKNOWN, FFG_ACCESS_READ, FFG_ACCESS_WRITE, FFG_ACCESS_EXEC };
+
+/* What the handler saw, copied out by the GuardedFunction whose token it carries. */
+struct ffg_fault {
+    uint64_t token; /* non-zero while a fault waits for its caller; written last */
+    int signo;
+    int code;
+    int has_address;
+    int access;
+    int stack_overflow;
+    pid_t sender; /* si_pid for signals sent by a process (abort's raise), else 0 */
+    uintptr_t address;
+    uintptr_t pc;
+    uintptr_t sp;
+    uintptr_t target;
+    uint64_t regs[FFG_NREGS];
+    int npcs;
+    uintptr_t pcs[FFG_MAX_PCS];
+};
+
+struct ffg_thread {
+    struct ffg_frame *top; /* T_TOP: the next free frame */
+    struct ffg_frame *end; /* T_END */
+    uint64_t armed;        /* T_ARMED: token of the call about to enter the thunk, or 0 */
+    uint64_t next_token;
+    struct ffg_fault fault;
+    uintptr_t stack_lo, stack_hi; /* this thread's stack, 0 when unknown */
+    volatile sig_atomic_t unwinding;
+    sigjmp_buf unwind_escape; /* a fault while unwinding jumps back here */
+    stack_t previous_altstack;
+    int owns_altstack;
+    size_t mapping_size;
+    struct ffg_frame frames[FFG_MAX_FRAMES];
+};
+
+extern __thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exec")));
+
+/* state.c */
+struct ffg_thread *ffg_thread_attach(void); /* normal context; NULL + errno on failure */
+int ffg_state_init(void);
+
+/* handler.c */
+int ffg_handlers_install(const int *signals, int n); /* -1 + errno on failure */
+int ffg_handlers_refresh(void);
+void ffg_handlers_uninstall(void);
+int ffg_is_trapped(int signo);
+uint64_t ffg_recovered_count(int signo); /* signo 0: all */
+size_t ffg_prev_snapshot(void *buf, size_t size);
+void ffg_prev_restore(const void *buf);
+
+/* stubs.c */
+uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */
+uintptr_t ffg_stub_target(uintptr_t stub); /* 0 when not one of ours */
+
+/* arch/<arch>.S */
+void ffg_thunk(void);
+void ffg_thunk_return(void);
+void ffg_thunk_end(void);
+
+#endif

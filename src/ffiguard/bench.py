@@ -1,0 +1,399 @@
+"""Benchmark: what a guarded foreign call costs, measured in one run.
+
+    python -m ffiguard.bench [--rounds R] [--calls N] [--faults F] [--json]
+
+Every variant (plain ctypes, guarded ctypes, ...) of every case is timed in the
+same process, interleaved: for each of R rounds, each variant runs a loop of N
+calls timed with time.perf_counter_ns, and the order of the variants is reversed
+on every other round so that neither side always runs first (warm caches, CPU
+frequency drift).  The table shows the median over the rounds, and the minimum.
+
+ns/call is the whole loop divided by N: the function is bound to a local and the
+arguments are locals, but the loop's own overhead (a few ns) is included on both
+sides and nothing is subtracted.  "added ns" is median guarded minus median
+plain; "ratio" is median guarded / median plain.
+
+The fault row times a guarded call that faults (ffg_read_null) inside
+try/except: signal, recovery, building and raising the exception, catching it.
+
+More rows (cffi, shield, isolate) are added as entries in ``call_cases()``
+(a :class:`Case`: name, plain callable, guarded callable, arguments) or in
+``fault_cases()``; nothing else needs to change.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+# Goals from issue 2: guarded/plain <= 1.10 and <= 15 ns added on the
+# no-argument call; fault -> exception round trip <= 10 us.
+GOAL_RATIO = 1.10
+GOAL_ADDED_NS = 15.0
+GOAL_FAULT_US = 10.0
+
+
+class Case(NamedTuple):
+    """One row of the call table: the same call made plain and guarded."""
+
+    name: str
+    plain: Callable[..., Any]
+    guarded: Callable[..., Any]
+    args: Tuple[Any, ...] = ()
+    expect: Any = None  # the result both sides must return (checked once, untimed)
+    goal: bool = False  # check the issue's goals on this row
+
+
+class FaultCase(NamedTuple):
+    """One fault row: a guarded call that faults, and the exception it raises."""
+
+    name: str
+    guarded: Callable[..., Any]
+    exception: type
+    args: Tuple[Any, ...] = ()
+    goal: bool = False
+
+
+# ---- the cases ----------------------------------------------------------------
+
+
+def call_cases(path: str) -> List[Case]:
+    import ffiguard
+
+    plain = ctypes.CDLL(path)
+    guarded = ffiguard.CDLL(path)
+    for lib in (plain, guarded):
+        lib.ffg_noop.argtypes = []
+        lib.ffg_noop.restype = None
+        lib.ffg_add.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.ffg_add.restype = ctypes.c_int
+    return [
+        Case("ctypes ffg_noop()", plain.ffg_noop, guarded.ffg_noop, (), None, goal=True),
+        Case("ctypes ffg_add(1, 2)", plain.ffg_add, guarded.ffg_add, (1, 2), 3),
+    ]
+
+
+def fault_cases(path: str) -> List[FaultCase]:
+    import ffiguard
+
+    guarded = ffiguard.CDLL(path)
+    guarded.ffg_read_null.argtypes = []
+    guarded.ffg_read_null.restype = ctypes.c_int
+    return [
+        FaultCase(
+            "ctypes ffg_read_null() -> SegmentationFault, try/except",
+            guarded.ffg_read_null,
+            ffiguard.SegmentationFault,
+            goal=True,
+        ),
+    ]
+
+
+# ---- timing loops ---------------------------------------------------------------
+
+_clock = time.perf_counter_ns
+
+
+def _unpack(nargs: int) -> Tuple[str, str]:
+    names = "".join(f"a{i}, " for i in range(nargs))
+    return names, (f"    {names}= args\n" if nargs else "")
+
+
+def _call_loop_source(nargs: int) -> str:
+    names, unpack = _unpack(nargs)
+    return (
+        "def loop(fn, args, n, clock):\n"
+        f"{unpack}"
+        "    r = range(n)\n"
+        "    t0 = clock()\n"
+        "    for _ in r:\n"
+        f"        fn({names})\n"
+        "    return clock() - t0\n"
+    )
+
+
+def _fault_loop_source(nargs: int) -> str:
+    names, unpack = _unpack(nargs)
+    return (
+        "def loop(fn, args, n, clock, exc):\n"
+        f"{unpack}"
+        "    caught = 0\n"
+        "    r = range(n)\n"
+        "    t0 = clock()\n"
+        "    for _ in r:\n"
+        "        try:\n"
+        f"            fn({names})\n"
+        "        except exc:\n"
+        "            caught += 1\n"
+        "    t1 = clock()\n"
+        "    return t1 - t0, caught\n"
+    )
+
+
+_loops = {}
+
+
+def _loop(kind: str, nargs: int):
+    """A loop that calls fn(a0, a1, ...) with the arguments as plain locals
+    (no *args unpacking inside the timed loop), compiled once per arity."""
+    key = (kind, nargs)
+    if key not in _loops:
+        source = (_call_loop_source if kind == "call" else _fault_loop_source)(nargs)
+        namespace: dict = {}
+        exec(compile(source, f"<ffiguard.bench {kind} loop/{nargs}>", "exec"), namespace)
+        _loops[key] = namespace["loop"]
+    return _loops[key]
+
+
+def time_calls(fn, args: Sequence[Any], n: int) -> float:
+    """ns per call of fn(*args) over a loop of n calls."""
+    loop = _loop("call", len(args))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        elapsed = loop(fn, tuple(args), n, _clock)
+    finally:
+        if enabled:
+            gc.enable()
+    return elapsed / n
+
+
+def time_faults(fn, args: Sequence[Any], exception: type, n: int) -> float:
+    """ns per fault -> exception round trip of fn(*args) over n faulting calls."""
+    loop = _loop("fault", len(args))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        elapsed, caught = loop(fn, tuple(args), n, _clock, exception)
+    finally:
+        if enabled:
+            gc.enable()
+    if caught != n:
+        raise RuntimeError(f"only {caught} of {n} calls raised {exception.__name__}")
+    return elapsed / n
+
+
+# ---- the run ----------------------------------------------------------------------
+
+
+class Variant(NamedTuple):
+    key: Tuple[str, str]  # (row name, "plain" | "guarded")
+    measure: Callable[[], float]  # one timed loop -> ns per call
+
+
+def _variants(calls: List[Case], faults: List[FaultCase], n_calls: int, n_faults: int):
+    variants = []
+    for case in calls:
+        for side in ("plain", "guarded"):
+            fn = getattr(case, side)
+            variants.append(
+                Variant((case.name, side), lambda fn=fn, a=case.args: time_calls(fn, a, n_calls))
+            )
+    for case in faults:
+        variants.append(
+            Variant(
+                (case.name, "guarded"),
+                lambda c=case: time_faults(c.guarded, c.args, c.exception, n_faults),
+            )
+        )
+    return variants
+
+
+def _check(calls: List[Case], faults: List[FaultCase]) -> None:
+    """Each call once, untimed: right results, and the fault really raises."""
+    for case in calls:
+        for side in ("plain", "guarded"):
+            got = getattr(case, side)(*case.args)
+            if got != case.expect:
+                raise RuntimeError(f"{case.name} ({side}) returned {got!r}, expected {case.expect!r}")
+    for case in faults:
+        try:
+            case.guarded(*case.args)
+        except case.exception:
+            pass
+        else:
+            raise RuntimeError(f"{case.name} did not raise {case.exception.__name__}")
+
+
+def _summary(values: List[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "samples": values}
+
+
+def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None) -> dict:
+    import ffiguard
+
+    path = path or ffiguard.crashers_path()
+    calls = call_cases(path)
+    faults = fault_cases(path)
+    _check(calls, faults)
+    variants = _variants(calls, faults, n_calls, n_faults)
+
+    # One untimed warm-up round (first-call costs, caches, lazy initialisation).
+    for v in variants:
+        v.measure()
+
+    samples = {v.key: [] for v in variants}
+    started = time.perf_counter()
+    for r in range(rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            samples[v.key].append(v.measure())
+        gc.collect()
+    elapsed = time.perf_counter() - started
+
+    rows = []
+    for case in calls:
+        plain = _summary(samples[(case.name, "plain")])
+        guarded = _summary(samples[(case.name, "guarded")])
+        rows.append({
+            "name": case.name,
+            "plain_ns": plain,
+            "guarded_ns": guarded,
+            "added_ns": guarded["median"] - plain["median"],
+            "ratio": guarded["median"] / plain["median"],
+            "goal": case.goal,
+        })
+    fault_rows = []
+    for case in faults:
+        s = _summary([ns / 1000.0 for ns in samples[(case.name, "guarded")]])
+        fault_rows.append({"name": case.name, "round_trip_us": s, "goal": case.goal})
+
+    return {
+        "machine": machine(),
+        "rounds": rounds,
+        "calls_per_round": n_calls,
+        "faults_per_round": n_faults,
+        "seconds": elapsed,
+        "calls": rows,
+        "faults": fault_rows,
+        "goals": goals(rows, fault_rows),
+        "stats": ffiguard.stats(),
+    }
+
+
+def goals(rows: List[dict], fault_rows: List[dict]) -> List[dict]:
+    out = []
+    for row in rows:
+        if row["goal"]:
+            out.append({"what": f"{row['name']}: guarded/plain <= {GOAL_RATIO:.2f}",
+                        "value": round(row["ratio"], 3), "met": row["ratio"] <= GOAL_RATIO})
+            out.append({"what": f"{row['name']}: added <= {GOAL_ADDED_NS:g} ns",
+                        "value": round(row["added_ns"], 1), "met": row["added_ns"] <= GOAL_ADDED_NS})
+    for row in fault_rows:
+        if row["goal"]:
+            med = row["round_trip_us"]["median"]
+            out.append({"what": f"fault -> exception <= {GOAL_FAULT_US:g} us",
+                        "value": round(med, 2), "met": med <= GOAL_FAULT_US})
+    return out
+
+
+# ---- the machine ----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ffiguard")
+    except Exception:
+        import ffiguard
+
+        return getattr(ffiguard, "__version__", "unknown")
+
+
+def machine() -> dict:
+    libc = platform.libc_ver()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_build": " ".join(platform.python_build()),
+        "compiler": platform.python_compiler(),
+        "libc": " ".join(x for x in libc if x),
+        "ffiguard": _version(),
+    }
+
+
+# ---- output ------------------------------------------------------------------------------
+
+
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"ffiguard {m['ffiguard']} benchmark: {result['rounds']} interleaved rounds of "
+        f"{result['calls_per_round']} calls ({result['faults_per_round']} faults) per variant; "
+        f"median (min); loop overhead included, nothing subtracted",
+        f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['platform']}; {m['libc']}; "
+        f"{m['python']} ({m['compiler']})",
+        "",
+    ]
+    name_w = max([len("call")] + [len(r["name"]) for r in result["calls"]])
+    head = (f"{'call':<{name_w}}  {'plain ns/call':>16}  {'guarded ns/call':>16}  "
+            f"{'added ns':>8}  {'ratio':>5}")
+    lines += [head, "-" * len(head)]
+    for r in result["calls"]:
+        p, g = r["plain_ns"], r["guarded_ns"]
+        lines.append(
+            f"{r['name']:<{name_w}}  {p['median']:>7.1f} ({p['min']:>6.1f})  "
+            f"{g['median']:>7.1f} ({g['min']:>6.1f})  {r['added_ns']:>+8.1f}  {r['ratio']:>5.2f}"
+        )
+    lines.append("")
+    for r in result["faults"]:
+        s = r["round_trip_us"]
+        lines.append(f"fault -> exception round trip, {r['name']}: "
+                     f"{s['median']:.2f} us median (min {s['min']:.2f} us)")
+    if result["goals"]:
+        lines.append("")
+        lines.append("goals (issue 2): " + "; ".join(
+            f"{g['what']}: {g['value']} {'met' if g['met'] else 'NOT MET'}" for g in result["goals"]))
+    lines.append(f"({result['seconds']:.1f} s; ffiguard.stats() after the run: {result['stats']})")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ffiguard.bench",
+        description="Time plain vs guarded foreign calls and the fault -> exception round trip, "
+                    "interleaved in one run; report medians (and minima).",
+    )
+    parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds (default 25)")
+    parser.add_argument("--calls", type=int, default=100_000,
+                        help="calls per timed loop (default 100000)")
+    parser.add_argument("--faults", type=int, default=2_000,
+                        help="faulting calls per timed loop (default 2000)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.calls < 1 or args.faults < 1:
+        parser.error("--rounds, --calls and --faults must be >= 1")
+
+    result = run(args.rounds, args.calls, args.faults)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

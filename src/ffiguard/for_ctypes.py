@@ -1,0 +1,71 @@
+"""Guarded ctypes: ffiguard.CDLL, ffiguard.cdll and ffiguard.guard().
+
+Guarding a ctypes function object points it at a stub (a few bytes of generated code
+that jump to the guard thunk with the real target) and wraps it in a GuardedFunction,
+which arms the guard for each call and raises the ForeignFault afterwards. ctypes keeps
+doing all the argument conversion, so everything ctypes supports keeps working. The
+function object itself stays usable: called directly (or through a C pointer to it) the
+stub just jumps to the target, unguarded.
+"""
+import ctypes
+
+from . import _core
+from .faults import UnsupportedPlatform
+
+__all__ = ["CDLL", "cdll", "guard"]
+
+_stubs = {}  # target address -> stub address, so a function is stubbed once
+
+
+def _check_supported():
+    if not _core.SUPPORTED:
+        raise UnsupportedPlatform(
+            "ffiguard has no guard for this platform (%s); supported: Linux x86-64" % _core.ARCH)
+
+
+def _retarget(func):
+    """Point a ctypes function object at the guard stub for its current target."""
+    cell = ctypes.c_void_p.from_address(ctypes.addressof(func))
+    target = cell.value
+    if not target:
+        raise ValueError("cannot guard a NULL function pointer")
+    if _core.stub_target(target) is None:  # not already pointing at a stub
+        stub = _stubs.get(target)
+        if stub is None:
+            stub = _stubs[target] = _core.stub(target)
+        cell.value = stub
+
+
+def guard(func, name=None):
+    """Return a GuardedFunction that calls the ctypes function object `func`.
+
+    A fault inside the call raises an ffiguard.ForeignFault subclass instead of killing
+    the process. `name` is used in reports (default: func.__name__). Guarding an already
+    guarded function returns it unchanged.
+    """
+    if isinstance(func, _core.GuardedFunction):
+        return func
+    if not isinstance(func, ctypes._CFuncPtr):
+        raise TypeError("guard() takes a ctypes function object (from a CDLL, or a CFUNCTYPE "
+                        "prototype), not %s" % type(func).__name__)
+    _check_supported()
+    if func._flags_ & ctypes._FUNCFLAG_PYTHONAPI:
+        raise TypeError("functions from PyDLL/pythonapi run Python's own C API with the GIL "
+                        "held; ffiguard does not guard them")
+    _retarget(func)
+    return _core.GuardedFunction(func, name)
+
+
+class CDLL(ctypes.CDLL):
+    """ctypes.CDLL whose functions are guarded: a fault inside one raises
+    ffiguard.ForeignFault instead of killing the process. Takes the same arguments."""
+
+    def __init__(self, *args, **kwargs):
+        _check_supported()
+        super().__init__(*args, **kwargs)
+
+    def __getitem__(self, name_or_ordinal):
+        return guard(super().__getitem__(name_or_ordinal))
+
+
+cdll = ctypes.LibraryLoader(CDLL)

@@ -1,0 +1,63 @@
+"""Which signals are trapped, and keeping our handlers first in line.
+
+The handlers are installed when ffiguard is imported. Whatever was installed before
+(faulthandler, a JVM, a Python-level handler) is chained to for every fault that is
+not a guarded foreign call's.
+
+faulthandler replaces signal handlers when enabled and puts back what it saved when
+disabled, which would silently take ffiguard out of the chain (pytest enables it for
+every session). So faulthandler.enable/disable are wrapped to put our handlers back on
+top afterwards, chaining to faulthandler while it is enabled.
+"""
+import faulthandler
+import functools
+import signal
+
+from . import _core
+
+TRAPPED = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
+
+_before_faulthandler = None  # our chained handlers from before faulthandler.enable()
+
+
+def install():
+    _core.install([int(s) for s in TRAPPED])
+
+
+def refresh():
+    """Put ffiguard's handlers back on top of any installed since; return how many moved."""
+    return _core.refresh()
+
+
+def _wrap_faulthandler():
+    enable, disable = faulthandler.enable, faulthandler.disable
+    if getattr(enable, "__ffiguard__", False):
+        return
+
+    @functools.wraps(enable)
+    def enable_then_refresh(*args, **kwargs):
+        global _before_faulthandler
+        if _before_faulthandler is None:
+            _before_faulthandler = _core.previous_snapshot()
+        result = enable(*args, **kwargs)
+        _core.refresh()
+        return result
+
+    @functools.wraps(disable)
+    def disable_then_refresh(*args, **kwargs):
+        global _before_faulthandler
+        result = disable(*args, **kwargs)
+        if _core.refresh() == 0 and _before_faulthandler is not None:
+            # faulthandler put back what it saved, which was our own handler: chain to
+            # what came before faulthandler, not to faulthandler's now idle handler.
+            _core.previous_restore(_before_faulthandler)
+        _before_faulthandler = None
+        return result
+
+    enable_then_refresh.__ffiguard__ = disable_then_refresh.__ffiguard__ = True
+    faulthandler.enable, faulthandler.disable = enable_then_refresh, disable_then_refresh
+
+
+if _core.SUPPORTED:
+    install()
+    _wrap_faulthandler()
