@@ -87,7 +87,7 @@ def fault_cases(path: str) -> List[FaultCase]:
     guarded.ffg_read_null.restype = ctypes.c_int
     return [
         FaultCase(
-            "ctypes ffg_read_null() -> SegmentationFault, try/except",
+            "fault -> exception: ctypes ffg_read_null() in try/except",
             guarded.ffg_read_null,
             ffiguard.SegmentationFault,
             goal=True,
@@ -338,36 +338,46 @@ def machine() -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The result as text; the table is also valid Markdown (paste it into the README)."""
     m = result["machine"]
-    lines = [
-        f"ffiguard {m['ffiguard']} benchmark: {result['rounds']} interleaved rounds of "
-        f"{result['calls_per_round']} calls ({result['faults_per_round']} faults) per variant; "
-        f"median (min); loop overhead included, nothing subtracted",
-        f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['platform']}; {m['libc']}; "
-        f"{m['python']} ({m['compiler']})",
-        "",
-    ]
-    name_w = max([len("call")] + [len(r["name"]) for r in result["calls"]])
-    head = (f"{'call':<{name_w}}  {'plain ns/call':>16}  {'guarded ns/call':>16}  "
-            f"{'added ns':>8}  {'ratio':>5}")
-    lines += [head, "-" * len(head)]
+    rows = [("call", "plain ns/call", "guarded ns/call", "added ns", "ratio")]
     for r in result["calls"]:
         p, g = r["plain_ns"], r["guarded_ns"]
-        lines.append(
-            f"{r['name']:<{name_w}}  {p['median']:>7.1f} ({p['min']:>6.1f})  "
-            f"{g['median']:>7.1f} ({g['min']:>6.1f})  {r['added_ns']:>+8.1f}  {r['ratio']:>5.2f}"
-        )
-    lines.append("")
+        rows.append((
+            r["name"],
+            f"{p['median']:.1f} (min {p['min']:.1f})",
+            f"{g['median']:.1f} (min {g['min']:.1f})",
+            f"{r['added_ns']:+.1f}",
+            f"{r['ratio']:.2f}",
+        ))
     for r in result["faults"]:
         s = r["round_trip_us"]
-        lines.append(f"fault -> exception round trip, {r['name']}: "
-                     f"{s['median']:.2f} us median (min {s['min']:.2f} us)")
+        rows.append((r["name"], "n/a", f"{s['median']:.2f} us (min {s['min']:.2f})", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells):
+        return "| " + " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ) + " |"
+
+    table = [line(rows[0]), "|" + "|".join(
+        "-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"]
+    table += [line(row) for row in rows[1:]]
+
+    out = [
+        f"ffiguard {m['ffiguard']}: plain ctypes vs ffiguard.CDLL, {result['rounds']} interleaved "
+        f"rounds of {result['calls_per_round']} calls ({result['faults_per_round']} faults) "
+        f"per variant; median (min) over rounds; loop overhead included, nothing subtracted",
+        f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['platform']}; {m['python']} ({m['compiler']})",
+        "",
+        *table,
+    ]
     if result["goals"]:
-        lines.append("")
-        lines.append("goals (issue 2): " + "; ".join(
+        out.append("")
+        out.append("goals (issue 2): " + "; ".join(
             f"{g['what']}: {g['value']} {'met' if g['met'] else 'NOT MET'}" for g in result["goals"]))
-    lines.append(f"({result['seconds']:.1f} s; ffiguard.stats() after the run: {result['stats']})")
-    return "\n".join(lines)
+    out.append(f"({result['seconds']:.1f} s; ffiguard.stats() after the run: {result['stats']})")
+    return "\n".join(out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,4 +1,6 @@
 """The exceptions a faulting foreign call raises, and the fault record -> exception step."""
+import array
+import functools
 import os
 import signal as _signal
 
@@ -18,6 +20,28 @@ the process as suspect: save what matters, and prefer restarting it (or isolatin
 library) over carrying on for long."""
 
 
+def _field(name, compute):
+    """A ForeignFault attribute: set explicitly, or derived from the raw fault record on
+    first access (the fault path stays cheap when nobody reads it)."""
+    def get(self):
+        values = self._values
+        if name not in values:
+            values[name] = compute(self) if self._raw is not None else None
+        return values[name]
+
+    def set(self, value):
+        self._values[name] = value
+
+    return property(get, set, doc=name)
+
+
+def _rebuild(cls, values):
+    exc = cls.__new__(cls)
+    exc._raw = None
+    exc._values = dict(values)
+    return exc
+
+
 class ForeignFault(Exception):
     """A foreign (native) function faulted; ffiguard stopped it and raised this instead
     of letting the process die.
@@ -31,24 +55,56 @@ class ForeignFault(Exception):
     """ + _STATE_WARNING
 
     signal_number = None
+    _raw = None  # the tuple made by _core, or None
 
-    def __init__(self, message="", **fields):
-        super().__init__(message)
-        self.signal = fields.get("signal")
-        self.code = fields.get("code")
-        self.code_name = fields.get("code_name")
-        self.address = fields.get("address")
-        self.access = fields.get("access")
-        self.pc = fields.get("pc")
-        self.sp = fields.get("sp")
-        self.function = fields.get("function")
-        self.library = fields.get("library")
-        self.symbol = fields.get("symbol")
-        self.frames = list(fields.get("frames") or [])
-        self.registers = dict(fields.get("registers") or {})
+    def __init__(self, message=None, **fields):
+        super().__init__()
+        self._raw = None
+        self._values = dict(fields)
+        if message is not None:
+            self._values["message"] = message
+
+    @classmethod
+    def _from_record(cls, record, function):
+        exc = cls.__new__(cls)
+        exc._raw = record
+        exc._values = {"function": function}
+        return exc
+
+    signal = _field("signal", lambda self: _signal.Signals(self._raw[0]))
+    code = _field("code", lambda self: self._raw[1])
+    code_name = _field("code_name", lambda self: code_name(self._raw[0], self._raw[1])[0])
+    address = _field("address", lambda self: self._raw[2])
+    pc = _field("pc", lambda self: self._raw[3])
+    sp = _field("sp", lambda self: self._raw[4])
+    access = _field("access", lambda self: self._raw[6])
+    function = _field("function", lambda self: None)
+    library = _field("library", lambda self: describe_pc(self.pc)[0])
+    symbol = _field("symbol", lambda self: describe_pc(self.pc)[1])
+    frames = _field("frames", lambda self: list(array.array("Q", self._raw[9])))
+    registers = _field("registers", lambda self: dict(
+        zip(_core.REGISTER_NAMES, array.array("Q", self._raw[10]))))
+    message = _field("message", lambda self: _message(self))
+
+    @property
+    def args(self):
+        return (self.message,) if self.message is not None else ()
+
+    @args.setter
+    def args(self, value):
+        self._values["message"] = value[0] if value else None
 
     def __str__(self):
-        return self.args[0] if self.args else ""
+        return self.message or ""
+
+    def __repr__(self):
+        return "%s(%r)" % (type(self).__name__, self.message)
+
+    def __reduce__(self):
+        names = ("message", "signal", "code", "code_name", "address", "access", "pc", "sp",
+                 "function", "library", "symbol", "frames", "registers")
+        notes = self.__dict__.get("__notes__")  # PEP 678 notes travel too
+        return _rebuild, (type(self), {n: getattr(self, n) for n in names}), notes and {"__notes__": notes}
 
 
 class SegmentationFault(ForeignFault):
@@ -154,6 +210,7 @@ def code_name(signum, code):
     return found or _GENERIC_CODES.get(code, ("%d" % code, "unknown code"))
 
 
+@functools.lru_cache(maxsize=4096)
 def describe_pc(pc):
     """(library path, symbol, text) for an address, from the dynamic symbol tables."""
     found = _core.dladdr(pc) if pc else None
@@ -166,31 +223,30 @@ def describe_pc(pc):
     return path, None, "0x%x (%s)" % (pc, where)
 
 
-def from_record(record, function):
-    """Build the exception for a fault record made by the signal handler (_core)."""
-    signum = _signal.Signals(record["signal"])
-    cls = _CLASSES.get(signum, ForeignFault)
-    if signum == _signal.SIGSEGV and record["stack_overflow"]:
-        cls = ForeignStackOverflow
-    name, meaning = code_name(signum, record["code"])
-    library, symbol, where = describe_pc(record["pc"])
-    address = record["address"]
-    access = record["access"]
-
+def _message(exc):
+    signum, code, address, access = exc.signal, exc.code, exc.address, exc.access
+    name, meaning = code_name(signum, code)
     parts = ["%s (%s: %s)" % (signum.name, name, meaning)]
-    if cls is ForeignStackOverflow:
+    if isinstance(exc, ForeignStackOverflow):
         parts.append("stack overflow at 0x%x" % address)
     elif address is not None and signum in (_signal.SIGSEGV, _signal.SIGBUS):
         parts.append("%s 0x%x" % (_ACCESS_VERBS.get(access, "at"), address))
+    library, symbol, where = describe_pc(exc.pc)
     parts.append("in " + where if symbol else "at " + where)
-    if function:
-        parts.append("during call to %s" % function)
-    return cls(
-        " ".join(parts),
-        signal=signum, code=record["code"], code_name=name, address=address, access=access,
-        pc=record["pc"], sp=record["sp"], function=function, library=library, symbol=symbol,
-        frames=record["frames"], registers=record["registers"],
-    )
+    if exc.function:
+        parts.append("during call to %s" % exc.function)
+    return " ".join(parts)
+
+
+def from_record(record, function):
+    """The exception for a fault record made by the signal handler (_core); called by
+    _core on the fault path, so everything but the class is worked out lazily."""
+    signum = record[0]
+    if signum == _signal.SIGSEGV and record[7]:
+        cls = ForeignStackOverflow
+    else:
+        cls = _CLASSES.get(signum, ForeignFault)
+    return cls._from_record(record, function)
 
 
 _core.set_fault_factory(from_record)

@@ -107,12 +107,13 @@ static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r)
     if (sigsetjmp(t->unwind_escape, 0) == 0)
         _Unwind_Backtrace(unwind_step, r);
     t->unwinding = 0;
-    if (r->npcs == 0) {
-        /* No unwind info for the pc (e.g. a call through NULL): keep the pc, and the
-         * return address on top of the stack when the stack is ours to read. */
-        r->pcs[r->npcs++] = r->pc;
-        if (r->sp >= t->stack_lo && r->sp + sizeof(uintptr_t) <= t->stack_hi && !(r->sp & 7))
-            r->pcs[r->npcs++] = *(const uintptr_t *)r->sp;
+    if (r->npcs == 0)
+        r->pcs[r->npcs++] = r->pc; /* no unwind info at all for the pc */
+    if (r->npcs == 1 && r->access == FFG_ACCESS_EXEC && r->sp >= t->stack_lo &&
+        r->sp + sizeof(uintptr_t) <= t->stack_hi && !(r->sp & 7)) {
+        /* A call to a bad address (e.g. through NULL): the unwinder knows nothing of
+         * the pc, but the call just pushed its return address on top of the stack. */
+        r->pcs[r->npcs++] = *(const uintptr_t *)r->sp;
     }
 }
 
