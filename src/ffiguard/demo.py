@@ -124,7 +124,7 @@ def _symbolize(pc: int, return_address: bool) -> str:
 
 
 def _describe(e: BaseException, n_frames: int) -> List[str]:
-    lines = [f"    {type(e).__name__}: {e}"]
+    lines = [f"    {e}"]
     attrs = []
     for name in ("code_name", "address", "access", "function", "symbol"):
         value = getattr(e, name, None)
@@ -159,8 +159,11 @@ def run(out: Optional[TextIO] = None, n_frames: int = 4) -> int:
         except ffiguard.ForeignFault as e:
             sys.stderr.flush()
             ok = type(e) is case.expected
-            print(f"  caught {'as expected' if ok else 'the WRONG class'} "
-                  f"(expected {case.expected.__name__}):", file=out)
+            if ok:
+                print(f"  caught {type(e).__name__}, as expected:", file=out)
+            else:
+                print(f"  caught {type(e).__name__}, but expected {case.expected.__name__}:",
+                      file=out)
             for line in _describe(e, n_frames):
                 print(line, file=out)
             code_name = getattr(e, "code_name", None)

@@ -15,7 +15,7 @@
  * called from the foreign function). Anything else goes to the handler that was
  * installed before ours, or to the default action, as if ffiguard were not loaded.
  */
-#define _GNU_SOURCE
+#define _GNU_SOURCE 1
 #include <Python.h>
 
 #include "state.h"

@@ -6,7 +6,7 @@
  * frame, no errcheck, on the path of every call.
  */
 #define PY_SSIZE_T_CLEAN
-#define _GNU_SOURCE
+#define _GNU_SOURCE 1
 #include <Python.h>
 
 #include "state.h"

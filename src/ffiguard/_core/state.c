@@ -2,7 +2,7 @@
  * thread exits. Each thread also gets an alternate signal stack, so that a stack
  * overflow in foreign code still reaches the handler.
  */
-#define _GNU_SOURCE
+#define _GNU_SOURCE 1
 #include "state.h"
 
 #include <errno.h>

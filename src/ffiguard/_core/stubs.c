@@ -10,7 +10,7 @@
  * and the Python layer reuses the stub of a target it has seen. Called with the GIL
  * held, which serialises allocation.
  */
-#define _GNU_SOURCE
+#define _GNU_SOURCE 1
 #include "state.h"
 
 #include <errno.h>
