@@ -117,6 +117,19 @@ static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r)
     }
 }
 
+/* Under AddressSanitizer, the frames a recovery skips leave their stack red zones
+ * poisoned (ASan's own longjmp interceptor clears them; a context redirect does not),
+ * and the next calls on that stack would trip over them. The weak reference is NULL
+ * in normal builds. Clearing shadow memory is a plain store: safe here. */
+extern void __asan_unpoison_memory_region(void const volatile *addr, size_t size) __attribute__((weak));
+
+static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
+{
+    uintptr_t lo = fault_sp - 128; /* the x86-64 red zone below sp */
+    if (__asan_unpoison_memory_region && lo < frame_sp)
+        __asan_unpoison_memory_region((void *)lo, frame_sp - lo);
+}
+
 static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, const siginfo_t *si,
                    const ucontext_t *uc)
 {
@@ -201,6 +214,7 @@ static void on_signal(int signo, siginfo_t *si, void *context)
     struct ffg_frame *f = chaining ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
+        unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
 #ifndef FFG_NO_ARCH
         ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_return);
 #endif
