@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <unwind.h>
 
@@ -35,7 +36,28 @@ static uint64_t recovered[NSIGNALS]; /* atomic counters */
 
 /* Chaining bookkeeping, for every thread (also those without guard state). */
 static __thread int chaining __attribute__((tls_model("initial-exec")));
-static __thread struct { int signo; uintptr_t pc, address; } last_chained __attribute__((tls_model("initial-exec")));
+static __thread struct {
+    int signo;
+    uintptr_t pc, address;
+    uint64_t returned_ns; /* when the previous handler last returned for it */
+    unsigned repeats;     /* the same fault again, each soon after that return */
+} last_chained __attribute__((tls_model("initial-exec")));
+
+/* A previous handler that returns for the same fault this many times in a row, each
+ * time within STALE_WINDOW_NS, is taken to be doing nothing (faulthandler's handler
+ * once faulthandler is disabled behind our back, e.g. at interpreter exit): the fault
+ * then takes the default action instead of looping forever. A handler that really
+ * repairs a fault (a GC's write barrier) re-faults at the same place only as often as
+ * the program makes it. */
+#define STALE_REPEATS 10000
+#define STALE_WINDOW_NS 1000000
+
+static uint64_t monotonic_ns(void) /* clock_gettime is async-signal-safe */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static int in_thunk(uintptr_t pc)
 {
@@ -142,7 +164,8 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     r->sender = si->si_code <= 0 ? si->si_pid : 0;
     r->pc = ffg_uc_pc(uc);
     r->sp = ffg_uc_sp(uc);
-    r->access = (signo == SIGSEGV || signo == SIGBUS) ? ffg_uc_access(uc) : FFG_ACCESS_UNKNOWN;
+    /* Only a fault caused by an instruction has a meaningful trap number/error code. */
+    r->access = r->has_address && (signo == SIGSEGV || signo == SIGBUS) ? ffg_uc_access(uc) : FFG_ACCESS_UNKNOWN;
     r->target = f->target;
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
@@ -166,15 +189,19 @@ static void die(int signo, const siginfo_t *si)
 
 /* Not ours: behave as the previous handler would have. It is called as the kernel
  * would call it (its mask, this signal blocked unless it asked for SA_NODEFER). A
- * handler that re-raises (faulthandler does) or returns for the same fault twice in
- * a row (a stale handler that no longer acts) ends in the default action, never a loop. */
+ * handler that re-raises (faulthandler does) ends in the default action; so does one
+ * that keeps returning without acting (see STALE_REPEATS): never an endless loop. */
 static void chain(int signo, siginfo_t *si, ucontext_t *uc)
 {
     struct sigaction prev = previous[signo];
     uintptr_t pc = ffg_uc_pc(uc), address = (uintptr_t)si->si_addr;
-    int repeated = last_chained.signo == signo && last_chained.pc == pc && last_chained.address == address;
+    int same = last_chained.signo == signo && last_chained.pc == pc && last_chained.address == address;
+    if (same && monotonic_ns() - last_chained.returned_ns < STALE_WINDOW_NS)
+        last_chained.repeats++;
+    else
+        last_chained.repeats = 0;
 
-    if (chaining || repeated || prev.sa_handler == SIG_DFL || !trapped[signo]) {
+    if (chaining || last_chained.repeats >= STALE_REPEATS || prev.sa_handler == SIG_DFL || !trapped[signo]) {
         die(signo, si);
         return;
     }
@@ -197,6 +224,7 @@ static void chain(int signo, siginfo_t *si, ucontext_t *uc)
     else
         prev.sa_handler(signo);
     chaining = 0;
+    last_chained.returned_ns = monotonic_ns();
     if (sigpending(&pending) == 0 && sigismember(&pending, signo))
         die(signo, si); /* it re-raised: let that one take the default action */
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
