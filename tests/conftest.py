@@ -1,0 +1,191 @@
+"""Shared fixtures for the ffiguard tests.
+
+`crashers` is the deliberate-crash library loaded through ffiguard (every function
+guarded), `plain` is the same library through plain ctypes (nothing guarded).
+Both have argtypes/restype set for every ffg_* function.  `run_python(code)` runs a
+snippet in a fresh interpreter, for everything that is expected to kill a process.
+"""
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import ffiguard
+
+
+# The signature table is kept as source text so that subprocess snippets can exec
+# it without importing ffiguard (some of them must set things up before that).
+SIGNATURES_SRC = r'''
+import ctypes
+
+
+class Point(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int)]
+
+
+class Big(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_long), ("b", ctypes.c_long),
+                ("c", ctypes.c_long), ("d", ctypes.c_long)]
+
+
+CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+
+_I, _D, _L, _UP = ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_size_t
+
+# name -> (argtypes, restype); argtypes None for the variadic functions, whose
+# arguments the tests pass as explicit ctypes instances.
+SIGNATURES = {
+    "ffg_read_at": ([_UP], _I),
+    "ffg_write_at": ([_UP, _I], None),
+    "ffg_read_null": ([], _I),
+    "ffg_write_null": ([], None),
+    "ffg_readonly_page": ([], _UP),
+    "ffg_read_past_eof": ([_I, ctypes.POINTER(_UP)], _I),
+    "ffg_illegal_instruction": ([], None),
+    "ffg_divide": ([_I, _I], _I),
+    "ffg_abort": ([], None),
+    "ffg_assert_positive": ([_I], _I),
+    "ffg_recurse": ([_I], _I),
+    "ffg_call_null": ([], _I),
+    "ffg_raise": ([_I], _I),
+    "ffg_noop": ([], None),
+    "ffg_add": ([_I, _I], _I),
+    "ffg_fill": ([ctypes.POINTER(_I), _I], _I),
+    "ffg_call_callback": ([CALLBACK, _I], _I),
+    "ffg_mix12": ([_I] * 8 + [_D] * 4, _D),
+    "ffg_vsum": (None, _L),
+    "ffg_vsumd": (None, _D),
+    "ffg_make_point": ([_I, _I], Point),
+    "ffg_point_sum": ([Point], _I),
+    "ffg_make_big": ([_L], Big),
+}
+
+
+def setup_signatures(lib):
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        if argtypes is not None:
+            fn.argtypes = argtypes
+        fn.restype = restype
+    return lib
+'''
+exec(SIGNATURES_SRC, globals())
+
+CRASHERS_PATH = ffiguard.crashers_path()
+
+# This thread's signal mask before any guarded call: every recovery must leave it so.
+INITIAL_MASK = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.fixture
+def crashers():
+    """The crashers library through ffiguard: every function is guarded."""
+    return setup_signatures(ffiguard.CDLL(CRASHERS_PATH))
+
+
+@pytest.fixture
+def plain():
+    """The crashers library through plain ctypes: nothing is guarded."""
+    return setup_signatures(ctypes.CDLL(CRASHERS_PATH))
+
+
+def _function_ranges():
+    """[start, end) of every exported ffg_* function, from the sorted symbol addresses."""
+    lib = ctypes.CDLL(CRASHERS_PATH)
+    names = list(SIGNATURES) + ["PyInit__crashers"]
+    addrs = sorted((ctypes.cast(getattr(lib, n), ctypes.c_void_p).value, n) for n in names)
+    ranges = {}
+    for (start, name), (end, _) in zip(addrs, addrs[1:]):
+        ranges[name] = (start, end)
+    # The last one (whatever it is) gets a generous bound.
+    start, name = addrs[-1]
+    ranges[name] = (start, start + 4096)
+    return ranges
+
+
+FUNCTION_RANGES = _function_ranges()
+
+
+def func_range(name):
+    return FUNCTION_RANGES[name]
+
+
+def pc_in(pc, name):
+    """True if pc (a faulting instruction) lies inside crasher function `name`."""
+    start, end = FUNCTION_RANGES[name]
+    return start <= pc < end
+
+
+def return_address_in(addr, name):
+    """True if addr is a return address into `name` (addr - 1 inside it; handles
+    calls to noreturn functions whose return address is one past the end)."""
+    start, end = FUNCTION_RANGES[name]
+    return start < addr <= end
+
+
+def map_base(path):
+    """Lowest address at which `path` is mapped in this process (its load base)."""
+    real = os.path.realpath(path)
+    base = None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and os.path.realpath(parts[5]) == real:
+                start = int(parts[0].split("-")[0], 16)
+                if base is None or start < base:
+                    base = start
+    return base
+
+
+def same_file(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _clean_env():
+    env = dict(os.environ)
+    env.pop("PYTHONFAULTHANDLER", None)
+    env.pop("PYTHONDEVMODE", None)
+    return env
+
+
+def run_python(code, *args, timeout=30):
+    """Run `code` with sys.executable [args...] -c in a subprocess.
+
+    The snippet is preceded by PRELUDE (ctypes, os, signal, sys, Point/Big/CALLBACK,
+    setup_signatures, CRASHERS_PATH; ffiguard is NOT imported).
+    Returns (returncode, stdout, stderr); returncode is -N when killed by signal N.
+    """
+    code = PRELUDE + textwrap.dedent(code)
+    proc = subprocess.run(
+        [sys.executable, *args, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_clean_env(),
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# Prelude for subprocess snippets: ctypes, the signature table and the crashers
+# path, without importing ffiguard (the snippet decides when to do that).
+PRELUDE = "import ctypes, os, signal, sys\n" + SIGNATURES_SRC + f"\nCRASHERS_PATH = {CRASHERS_PATH!r}\n"
+
+
+@pytest.fixture(name="run_python")
+def run_python_fixture():
+    return run_python
+
+
+@pytest.fixture
+def one_byte_fd(tmp_path):
+    """A read-only fd on a one-byte file (mapping its second page gives SIGBUS)."""
+    p = tmp_path / "one_byte"
+    p.write_bytes(b"x")
+    fd = os.open(str(p), os.O_RDONLY)
+    yield fd
+    os.close(fd)
