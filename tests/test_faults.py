@@ -413,7 +413,7 @@ def test_report_survives_unloading_the_library(run_python):
         except ffiguard.SegmentationFault as e:
             exc = e
         handle = lib._handle
-        del lib, e
+        del lib
         gc.collect()
         _ctypes.dlclose(handle)
         with open("/proc/self/maps") as f:

@@ -1,6 +1,5 @@
 """The exceptions a faulting foreign call raises, and the fault record -> exception step."""
 import array
-import functools
 import os
 import signal as _signal
 
@@ -79,12 +78,19 @@ class ForeignFault(Exception):
     sp = _field("sp", lambda self: self._raw[4])
     access = _field("access", lambda self: self._raw[6])
     function = _field("function", lambda self: None)
-    library = _field("library", lambda self: describe_pc(self.pc)[0])
-    symbol = _field("symbol", lambda self: describe_pc(self.pc)[1])
+    library = _field("library", lambda self: self._where()[0])
+    symbol = _field("symbol", lambda self: self._where()[1])
     frames = _field("frames", lambda self: list(array.array("Q", self._raw[9])))
     registers = _field("registers", lambda self: dict(
         zip(_core.REGISTER_NAMES, array.array("Q", self._raw[10]))))
     message = _field("message", lambda self: _message(self))
+
+    def _where(self):
+        """(library, symbol, text) for pc: from the record (looked up at the fault, while
+        the library was surely loaded) or, for an exception made by hand, now."""
+        if self._raw is not None:
+            return describe_pc(self._raw[3], self._raw[11])
+        return describe_pc(self.pc) if self.pc is not None else (None, None, "an unknown address")
 
     @property
     def args(self):
@@ -210,10 +216,11 @@ def code_name(signum, code):
     return found or _GENERIC_CODES.get(code, ("%d" % code, "unknown code"))
 
 
-@functools.lru_cache(maxsize=4096)
-def describe_pc(pc):
-    """(library path, symbol, text) for an address, from the dynamic symbol tables."""
-    found = _core.dladdr(pc) if pc else None
+def describe_pc(pc, found=False):
+    """(library path, symbol, text) for an address, from the dynamic symbol tables;
+    `found` is a _core.dladdr() answer already looked up for it."""
+    if found is False:
+        found = _core.dladdr(pc) if pc else None
     if not found:
         return None, None, "0x%x" % pc
     path, base, symbol, symbol_address = found
@@ -231,16 +238,18 @@ def _message(exc):
         parts.append("stack overflow at 0x%x" % address)
     elif address is not None and signum in (_signal.SIGSEGV, _signal.SIGBUS):
         parts.append("%s 0x%x" % (_ACCESS_VERBS.get(access, "at"), address))
-    library, symbol, where = describe_pc(exc.pc)
+    library, symbol, where = exc._where()
     parts.append("in " + where if symbol else "at " + where)
     if exc.function:
         parts.append("during call to %s" % exc.function)
     return " ".join(parts)
 
 
-def from_record(record, function):
+def from_record(record, function, args=(), kwnames=None, policy=None):
     """The exception for a fault record made by the signal handler (_core); called by
-    _core on the fault path, so everything but the class is worked out lazily."""
+    _core on the fault path, so everything but the class is worked out lazily. `args`
+    are the Python arguments of the call (keyword values last, named by `kwnames`);
+    `policy` is the library's _core.Policy or None."""
     signum = record[0]
     if signum == _signal.SIGSEGV and record[7]:
         cls = ForeignStackOverflow

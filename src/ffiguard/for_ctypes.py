@@ -24,16 +24,19 @@ def _check_supported():
 
 
 def _retarget(func):
-    """Point a ctypes function object at the guard stub for its current target."""
+    """Point a ctypes function object at the guard stub for its target; return the target."""
     cell = ctypes.c_void_p.from_address(ctypes.addressof(func))
-    target = cell.value
-    if not target:
+    address = cell.value
+    if not address:
         raise ValueError("cannot guard a NULL function pointer")
-    if _core.stub_target(target) is None:  # not already pointing at a stub
+    target = _core.stub_target(address)
+    if target is None:  # not yet pointing at a stub
+        target = address
         stub = _stubs.get(target)
         if stub is None:
             stub = _stubs[target] = _core.stub(target)
         cell.value = stub
+    return target
 
 
 def guard(func, name=None):
@@ -52,8 +55,8 @@ def guard(func, name=None):
     if func._flags_ & ctypes._FUNCFLAG_PYTHONAPI:
         raise TypeError("functions from PyDLL/pythonapi run Python's own C API with the GIL "
                         "held; ffiguard does not guard them")
-    _retarget(func)
-    return _core.GuardedFunction(func, name)
+    target = _retarget(func)
+    return _core.GuardedFunction(func, name, None, target)
 
 
 class CDLL(ctypes.CDLL):

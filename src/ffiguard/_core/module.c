@@ -24,6 +24,11 @@ static inline PyObject *Py_NewRef(PyObject *o)
     Py_INCREF(o);
     return o;
 }
+static inline PyObject *Py_XNewRef(PyObject *o)
+{
+    Py_XINCREF(o);
+    return o;
+}
 #else
 #define Py_TPFLAGS_FFG_VECTORCALL Py_TPFLAGS_HAVE_VECTORCALL
 #endif
@@ -33,10 +38,109 @@ static PyObject *fault_factory; /* ffiguard.faults.from_record, set at import */
 static const char *const register_names[FFG_NREGS] = {FFG_REG_NAMES};
 static const char *const access_names[] = {NULL, "read", "write", "execute"};
 
+/* What happens to a library's functions after one of them faulted: shared by all the
+ * functions of a library, tested on every call (one load and a branch). */
+typedef struct {
+    PyObject_HEAD
+    int quarantined; /* further calls raise LibraryQuarantined until released */
+    PyObject *on_fault; /* "raise", "quarantine" or "exit": read by the Python layer */
+    PyObject *name;     /* the library's name, for messages */
+} Policy;
+
+static PyObject *quarantine_error; /* ffiguard.LibraryQuarantined, set at import */
+
+static PyObject *policy_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "on_fault", NULL};
+    PyObject *name, *on_fault;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:Policy", kwlist, &name, &on_fault))
+        return NULL;
+    Policy *self = (Policy *)type->tp_alloc(type, 0);
+    if (self) {
+        self->name = Py_NewRef(name);
+        self->on_fault = Py_NewRef(on_fault);
+    }
+    return (PyObject *)self;
+}
+
+static int policy_traverse(Policy *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->name);
+    Py_VISIT(self->on_fault);
+    return 0;
+}
+
+static int policy_clear(Policy *self)
+{
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->on_fault);
+    return 0;
+}
+
+static void policy_dealloc(Policy *self)
+{
+    PyObject_GC_UnTrack(self);
+    policy_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *policy_get_quarantined(Policy *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->quarantined);
+}
+
+static int policy_set_quarantined(Policy *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    int v = value ? PyObject_IsTrue(value) : 0;
+    if (v < 0)
+        return -1;
+    self->quarantined = v;
+    return 0;
+}
+
+static PyObject *policy_get(PyObject *field) { return Py_NewRef(field); }
+static PyObject *policy_get_name(Policy *self, void *closure) { (void)closure; return policy_get(self->name); }
+static PyObject *policy_get_on_fault(Policy *self, void *closure) { (void)closure; return policy_get(self->on_fault); }
+
+static int policy_set_on_fault(Policy *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "on_fault cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(self->on_fault, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef policy_getset[] = {
+    {"quarantined", (getter)policy_get_quarantined, (setter)policy_set_quarantined, NULL, NULL},
+    {"on_fault", (getter)policy_get_on_fault, (setter)policy_set_on_fault, NULL, NULL},
+    {"name", (getter)policy_get_name, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Policy_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ffiguard._core.Policy",
+    .tp_doc = PyDoc_STR("Policy(name, on_fault): what a library's functions do after a fault"),
+    .tp_basicsize = sizeof(Policy),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = policy_new,
+    .tp_dealloc = (destructor)policy_dealloc,
+    .tp_traverse = (traverseproc)policy_traverse,
+    .tp_clear = (inquiry)policy_clear,
+    .tp_getset = policy_getset,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *wrapped; /* the ctypes function object */
     PyObject *name;    /* str, for reports */
+    Policy *policy;    /* or NULL */
+    uintptr_t target;  /* the foreign function its stub calls: what arming names */
     vectorcallfunc vectorcall;
 } GuardedFunction;
 
@@ -51,26 +155,35 @@ static struct ffg_thread *thread_state(void)
     return t;
 }
 
+static PyObject *describe(uintptr_t pc);
+
 /* The fault record as a tuple, cheap to make (the fault path is measured): (signal,
  * code, address or None, pc, sp, target, access or None, stack_overflow, sender,
- * frames as native uint64 bytes, registers as native uint64 bytes). ffiguard.faults
- * turns it into the exception and decodes the rest only when asked. */
+ * frames as native uint64 bytes, registers as native uint64 bytes, describe(pc)).
+ * ffiguard.faults turns it into the exception and decodes the rest only when asked.
+ * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
 static PyObject *fault_as_tuple(const struct ffg_fault *r)
 {
     PyObject *address = r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None);
     if (!address)
         return NULL;
-    return Py_BuildValue("(iiNKKKzOiy#y#)", r->signo, r->code, address, (unsigned long long)r->pc,
+    PyObject *where = describe(r->pc);
+    if (!where) {
+        Py_DECREF(address);
+        return NULL;
+    }
+    return Py_BuildValue("(iiNKKKzOiy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
                          (unsigned long long)r->sp, (unsigned long long)r->target,
                          access_names[r->access], r->stack_overflow ? Py_True : Py_False,
                          (int)r->sender, (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
-                         (const char *)r->regs, (Py_ssize_t)sizeof r->regs);
+                         (const char *)r->regs, (Py_ssize_t)sizeof r->regs, where);
 }
 
 /* Turn this thread's pending fault into the exception, consuming the record. Whatever
  * the call produced meanwhile (a zero result, or an exception from restype conversion
  * or errcheck) is dropped; such an exception becomes the new one's __context__. */
-static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObject *result)
+static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObject *result,
+                             PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     struct ffg_fault copy = t->fault;
     t->fault.token = 0;
@@ -83,10 +196,18 @@ static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObje
             PyException_SetTraceback(value, tb);
     }
     PyObject *record = fault_as_tuple(&copy);
-    PyObject *exc = record && fault_factory
-                        ? PyObject_CallFunctionObjArgs(fault_factory, record, self->name, NULL)
+    PyObject *call_args = PyTuple_New((Py_ssize_t)(PyVectorcall_NARGS(nargsf) +
+                                                   (kwnames ? PyTuple_GET_SIZE(kwnames) : 0)));
+    if (call_args)
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_args); i++)
+            PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
+    PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
+    PyObject *exc = record && call_args && fault_factory
+                        ? PyObject_CallFunctionObjArgs(fault_factory, record, self->name, call_args,
+                                                       kwnames ? kwnames : Py_None, policy, NULL)
                         : NULL;
     Py_XDECREF(record);
+    Py_XDECREF(call_args);
     if (!exc && !PyErr_Occurred())
         PyErr_SetString(PyExc_SystemError, "ffiguard: fault factory not set");
     if (exc) {
@@ -104,25 +225,44 @@ static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObje
 static PyObject *gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     GuardedFunction *self = (GuardedFunction *)op;
+    if (__builtin_expect(self->policy && self->policy->quarantined, 0))
+        return PyErr_Format(quarantine_error, "%S is quarantined after a fault: %S not called "
+                            "(release the library to call it again)", self->policy->name, self->name);
     struct ffg_thread *t = ffg_tls;
     if (__builtin_expect(t == NULL, 0) && !(t = thread_state()))
         return NULL;
-    uint64_t outer = t->armed;
+    uintptr_t outer = t->armed; /* a GuardedFunction called during argument conversion */
+    uint64_t outer_token = t->armed_token;
     uint64_t token = ++t->next_token;
-    t->armed = token; /* the thunk takes it into the guard frame and clears it */
+    t->armed_token = token;
+    t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = PyObject_Vectorcall(self->wrapped, args, nargsf, kwnames);
     t->armed = outer;
+    t->armed_token = outer_token;
     if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
-        return raise_fault(self, t, result);
+        return raise_fault(self, t, result, args, nargsf, kwnames);
     return result;
 }
 
 static PyObject *gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"function", "name", NULL};
-    PyObject *wrapped, *name = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:GuardedFunction", kwlist, &wrapped, &name))
+    static char *kwlist[] = {"function", "name", "policy", "target", NULL};
+    PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target))
         return NULL;
+    uintptr_t target_address = 0;
+    if (target && target != Py_None) {
+        target_address = (uintptr_t)PyLong_AsVoidPtr(target);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    if (policy == Py_None)
+        policy = NULL;
+    if (policy && !PyObject_TypeCheck(policy, &Policy_Type)) {
+        PyErr_SetString(PyExc_TypeError, "policy must be an ffiguard._core.Policy");
+        return NULL;
+    }
     if (!PyCallable_Check(wrapped)) {
         PyErr_Format(PyExc_TypeError, "GuardedFunction needs a callable ctypes function, not %.200s",
                      Py_TYPE(wrapped)->tp_name);
@@ -132,6 +272,8 @@ static PyObject *gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!self)
         return NULL;
     self->wrapped = Py_NewRef(wrapped);
+    self->policy = (Policy *)Py_XNewRef(policy);
+    self->target = target_address;
     self->name = name && name != Py_None ? Py_NewRef(name) : PyObject_GetAttrString(wrapped, "__name__");
     if (!self->name) {
         PyErr_Clear();
@@ -145,6 +287,7 @@ static int gf_traverse(GuardedFunction *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->wrapped);
     Py_VISIT(self->name);
+    Py_VISIT(self->policy);
     return 0;
 }
 
@@ -152,6 +295,7 @@ static int gf_clear(GuardedFunction *self)
 {
     Py_CLEAR(self->wrapped);
     Py_CLEAR(self->name);
+    Py_CLEAR(self->policy);
     return 0;
 }
 
@@ -195,7 +339,14 @@ static PyObject *gf_get_name(GuardedFunction *self, void *closure)
     return Py_NewRef(self->name);
 }
 
+static PyObject *gf_get_policy(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->policy ? (PyObject *)self->policy : Py_None);
+}
+
 static PyGetSetDef gf_getset[] = {
+    {"__policy__", (getter)gf_get_policy, NULL, "the library's fault policy, or None", NULL},
     {"__wrapped__", (getter)gf_get_wrapped, NULL, "the ctypes function object called", NULL},
     {"_as_parameter_", (getter)gf_get_wrapped, NULL,
      "lets ctypes accept a GuardedFunction wherever it accepts the function itself", NULL},
@@ -206,10 +357,11 @@ static PyGetSetDef gf_getset[] = {
 static PyTypeObject GuardedFunction_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ffiguard.GuardedFunction",
-    .tp_doc = PyDoc_STR("GuardedFunction(function, name=None)\n--\n\n"
+    .tp_doc = PyDoc_STR("GuardedFunction(function, name=None, policy=None, target=None)\n--\n\n"
                         "A ctypes function whose faults raise ffiguard.ForeignFault instead of "
-                        "killing the process.\nAttributes (argtypes, restype, errcheck, ...) are "
-                        "those of the wrapped function."),
+                        "killing the process.\n`function` must already call a guard stub for `target` "
+                        "(ffiguard.guard() arranges both).\nAttributes (argtypes, restype, errcheck, "
+                        "...) are those of the wrapped function."),
     .tp_basicsize = sizeof(GuardedFunction),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_FFG_VECTORCALL,
     .tp_new = gf_new,
@@ -332,26 +484,31 @@ static PyObject *m_previous_restore(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* dladdr(pc) -> (object path, object base, symbol or None, symbol address or 0), or None.
+/* (object path, object base, symbol or None, symbol address or 0) for pc, or None.
  * A symbol is named only when pc lies inside it (its size says so): dladdr alone names
  * the nearest exported symbol below pc, which for an unexported function is wrong. */
-static PyObject *m_dladdr(PyObject *mod, PyObject *arg)
+static PyObject *describe(uintptr_t pc)
 {
-    (void)mod;
-    void *pc = PyLong_AsVoidPtr(arg);
-    if (PyErr_Occurred())
-        return NULL;
     Dl_info info;
     const ElfW(Sym) *sym = NULL;
-    if (!pc || !dladdr1(pc, &info, (void **)&sym, RTLD_DL_SYMENT) || !info.dli_fname)
+    if (!pc || !dladdr1((void *)pc, &info, (void **)&sym, RTLD_DL_SYMENT) || !info.dli_fname)
         Py_RETURN_NONE;
     uintptr_t start = (uintptr_t)info.dli_saddr;
-    if (!info.dli_sname || !sym || (uintptr_t)pc >= start + (sym->st_size ? sym->st_size : 1)) {
+    if (!info.dli_sname || !sym || pc >= start + (sym->st_size ? sym->st_size : 1)) {
         info.dli_sname = NULL;
         start = 0;
     }
     return Py_BuildValue("(sKzK)", info.dli_fname, (unsigned long long)(uintptr_t)info.dli_fbase,
                          info.dli_sname, (unsigned long long)start);
+}
+
+static PyObject *m_dladdr(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    uintptr_t pc = (uintptr_t)PyLong_AsVoidPtr(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    return describe(pc);
 }
 
 static PyObject *m_set_fault_factory(PyObject *mod, PyObject *arg)
@@ -361,7 +518,15 @@ static PyObject *m_set_fault_factory(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_quarantine_error(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    Py_XSETREF(quarantine_error, Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_quarantine_error", m_set_quarantine_error, METH_O, "set the LibraryQuarantined class"},
     {"stub", m_stub, METH_O, "stub(target) -> address of a new guard stub calling target"},
     {"stub_target", m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
     {"install", m_install, METH_O, "install(signals): trap these signals"},
@@ -404,8 +569,9 @@ static PyObject *register_tuple(void)
 
 PyMODINIT_FUNC PyInit__core(void)
 {
-    if (PyType_Ready(&GuardedFunction_Type) < 0)
+    if (PyType_Ready(&GuardedFunction_Type) < 0 || PyType_Ready(&Policy_Type) < 0)
         return NULL;
+    quarantine_error = Py_NewRef(PyExc_RuntimeError); /* until ffiguard sets its own */
     if (ffg_state_init() != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     /* Load and warm libgcc's unwinder now, not first inside a signal handler. */
@@ -416,7 +582,9 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!m)
         return NULL;
     Py_INCREF(&GuardedFunction_Type);
+    Py_INCREF(&Policy_Type);
     if (PyModule_AddObject(m, "GuardedFunction", (PyObject *)&GuardedFunction_Type) < 0 ||
+        PyModule_AddObject(m, "Policy", (PyObject *)&Policy_Type) < 0 ||
         PyModule_AddStringConstant(m, "ARCH", FFG_ARCH_NAME) < 0 ||
 #ifdef FFG_NO_ARCH
         PyModule_AddIntConstant(m, "SUPPORTED", 0) < 0 ||

@@ -20,6 +20,7 @@ __thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exec")));
 _Static_assert(offsetof(struct ffg_thread, top) == 0, "T_TOP");
 _Static_assert(offsetof(struct ffg_thread, end) == 8, "T_END");
 _Static_assert(offsetof(struct ffg_thread, armed) == 16, "T_ARMED");
+_Static_assert(offsetof(struct ffg_thread, armed_token) == 24, "T_TOKEN");
 _Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
 _Static_assert(offsetof(struct ffg_frame, sp) == F_SP, "F_SP");
 _Static_assert(offsetof(struct ffg_frame, target) == F_TARGET, "F_TARGET");

@@ -3,7 +3,11 @@
  * A thread's state is one mmap'd block (never the Python heap, never malloc, so the
  * signal handler may read and write it) reached through one initial-exec TLS pointer,
  * ffg_tls, which the assembly thunk reads too. The first three fields are at fixed
- * offsets the thunk uses (T_TOP, T_END, T_ARMED in arch/<arch>.S).
+ * offsets the thunk uses (T_TOP, T_END, T_ARMED, T_TOKEN in arch/<arch>.S).
+ *
+ * Arming names the target, not just "the next stub": between arming and the foreign
+ * call, ctypes converts the arguments, which can run Python code that calls some other
+ * stubbed function directly; that call must not take the guard meant for this one.
  */
 #ifndef FFG_STATE_H
 #define FFG_STATE_H
@@ -53,7 +57,8 @@ struct ffg_fault {
 struct ffg_thread {
     struct ffg_frame *top; /* T_TOP: the next free frame */
     struct ffg_frame *end; /* T_END */
-    uint64_t armed;        /* T_ARMED: token of the call about to enter the thunk, or 0 */
+    uintptr_t armed;       /* T_ARMED: the target a GuardedFunction is about to call, or 0 */
+    uint64_t armed_token;  /* T_TOKEN: that call's token, for its guard frame */
     uint64_t next_token;
     struct ffg_fault fault;
     uintptr_t stack_lo, stack_hi; /* this thread's stack, 0 when unknown */

@@ -1,7 +1,8 @@
 /* x86-64 guard thunk. Every guarded function's stub loads the real target into r11
  * (no argument lives there) and jumps here.
  *
- * When the calling thread armed this call (its GuardedFunction set thread->armed),
+ * When the calling thread armed this call (its GuardedFunction set thread->armed to
+ * this very target),
  * the thunk pops the caller's return address into a new frame on the thread's guard
  * stack, saves the stack pointer and callee-saved registers there, and *calls* the
  * target: the call pushes our return address into the very slot the caller's held,
@@ -20,6 +21,7 @@
 #define T_TOP 0
 #define T_END 8
 #define T_ARMED 16
+#define T_TOKEN 24
 
     .text
     .globl  ffg_thunk
@@ -32,8 +34,8 @@ ffg_thunk:
     movq    %fs:(%r10), %r10            /* r10 = this thread's guard state, or NULL */
     testq   %r10, %r10
     jz      .Lunguarded
-    cmpq    $0, T_ARMED(%r10)
-    je      .Lunguarded
+    cmpq    %r11, T_ARMED(%r10)         /* armed for exactly this target? */
+    jne     .Lunguarded
     pushq   %rbx                        /* below the return address: ours to use */
     .cfi_adjust_cfa_offset 8
     .cfi_remember_state
@@ -41,7 +43,7 @@ ffg_thunk:
     cmpq    T_END(%r10), %rbx
     jae     .Lfull
     movq    %r11, F_TARGET(%rbx)
-    movq    T_ARMED(%r10), %r11
+    movq    T_TOKEN(%r10), %r11
     movq    %r11, F_TOKEN(%rbx)
     movq    $0, T_ARMED(%r10)           /* nested calls must be armed anew */
     leaq    FRAME_SIZE(%rbx), %r11
