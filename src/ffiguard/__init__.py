@@ -20,7 +20,7 @@ from . import signals as _signals  # installs the handlers
 from ._core import GuardedFunction
 from .faults import (
     ArithmeticFault, BusError, ForeignAbort, ForeignFault, ForeignStackOverflow,
-    IllegalInstruction, SegmentationFault, UnsupportedPlatform,
+    IllegalInstruction, LibraryQuarantined, SegmentationFault, UnsupportedPlatform,
 )
 from .for_ctypes import CDLL, cdll, guard
 
@@ -29,7 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CDLL", "cdll", "guard", "GuardedFunction", "stats", "crashers_path",
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
-    "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "UnsupportedPlatform",
+    "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
+    "UnsupportedPlatform",
 ]
 
 

@@ -7,7 +7,8 @@ from . import _core
 
 __all__ = [
     "ForeignFault", "SegmentationFault", "BusError", "IllegalInstruction", "ArithmeticFault",
-    "ForeignAbort", "ForeignStackOverflow", "UnsupportedPlatform", "code_name", "describe_pc",
+    "ForeignAbort", "ForeignStackOverflow", "LibraryQuarantined", "UnsupportedPlatform",
+    "code_name", "describe_pc",
 ]
 
 _STATE_WARNING = """
@@ -143,6 +144,11 @@ class ForeignAbort(ForeignFault):
     signal_number = _signal.SIGABRT
 
 
+class LibraryQuarantined(RuntimeError):
+    """A call into a library that faulted earlier under on_fault="quarantine"; nothing
+    was called. Release the library (ffiguard.release(lib)) to call it again."""
+
+
 class UnsupportedPlatform(RuntimeError):
     """This machine's architecture or OS has no ffiguard guard (yet)."""
 
@@ -259,3 +265,4 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
 
 
 _core.set_fault_factory(from_record)
+_core.set_quarantine_error(LibraryQuarantined)

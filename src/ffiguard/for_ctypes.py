@@ -39,12 +39,13 @@ def _retarget(func):
     return target
 
 
-def guard(func, name=None):
+def guard(func, name=None, policy=None):
     """Return a GuardedFunction that calls the ctypes function object `func`.
 
     A fault inside the call raises an ffiguard.ForeignFault subclass instead of killing
-    the process. `name` is used in reports (default: func.__name__). Guarding an already
-    guarded function returns it unchanged.
+    the process. `name` is used in reports (default: func.__name__). `policy` (a
+    _core.Policy, normally the library's) decides what happens after a fault. Guarding
+    an already guarded function returns it unchanged.
     """
     if isinstance(func, _core.GuardedFunction):
         return func
@@ -56,19 +57,32 @@ def guard(func, name=None):
         raise TypeError("functions from PyDLL/pythonapi run Python's own C API with the GIL "
                         "held; ffiguard does not guard them")
     target = _retarget(func)
-    return _core.GuardedFunction(func, name, None, target)
+    return _core.GuardedFunction(func, name, policy, target)
+
+
+ON_FAULT = ("raise", "quarantine", "exit")
+
+
+def make_policy(name, on_fault):
+    """The shared _core.Policy for a library; on_fault=None follows the global default."""
+    if on_fault is not None and on_fault not in ON_FAULT:
+        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), on_fault))
+    return _core.Policy(name, on_fault)
 
 
 class CDLL(ctypes.CDLL):
     """ctypes.CDLL whose functions are guarded: a fault inside one raises
-    ffiguard.ForeignFault instead of killing the process. Takes the same arguments."""
+    ffiguard.ForeignFault instead of killing the process. Takes the same arguments as
+    ctypes.CDLL, plus on_fault ("raise", "quarantine" or "exit"; default: the global
+    policy) for what happens after a fault."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, name, *args, on_fault=None, **kwargs):
         _check_supported()
-        super().__init__(*args, **kwargs)
+        self._ffiguard_policy = make_policy(name, on_fault)
+        super().__init__(name, *args, **kwargs)
 
     def __getitem__(self, name_or_ordinal):
-        return guard(super().__getitem__(name_or_ordinal))
+        return guard(super().__getitem__(name_or_ordinal), policy=self._ffiguard_policy)
 
 
 cdll = ctypes.LibraryLoader(CDLL)
