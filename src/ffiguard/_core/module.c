@@ -222,6 +222,28 @@ static PyObject *raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObje
     return NULL;
 }
 
+/* Call the ctypes function. ctypes function objects have tp_call but no vectorcall, so
+ * PyObject_Vectorcall would go through _PyObject_MakeTpCall (thread state lookup,
+ * recursion check, result check: measured at ~2x our own cost per call). Positional
+ * calls go to tp_call directly; the interpreter already checked recursion on the way
+ * into this call, and ctypes' tp_call sets an exception whenever it returns NULL. */
+static inline PyObject *call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    ternaryfunc call = Py_TYPE(wrapped)->tp_call;
+    if (__builtin_expect(kwnames != NULL || call == NULL, 0))
+        return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *tuple = PyTuple_New(n);
+    if (!tuple)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    PyObject *result = call(wrapped, tuple, NULL);
+    Py_DECREF(tuple);
+    return result;
+}
+
 static PyObject *gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     GuardedFunction *self = (GuardedFunction *)op;
@@ -236,7 +258,7 @@ static PyObject *gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargs
     uint64_t token = ++t->next_token;
     t->armed_token = token;
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
-    PyObject *result = PyObject_Vectorcall(self->wrapped, args, nargsf, kwnames);
+    PyObject *result = call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = outer;
     t->armed_token = outer_token;
     if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
