@@ -17,19 +17,22 @@
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default"), noinline))
+/* The faulting functions do undefined things on purpose: exempt them from UBSan
+ * (tools/sanitize builds everything else with it). */
+#define FAULTY EXPORT __attribute__((no_sanitize("undefined")))
 
 /* ---- faults ---------------------------------------------------------------- */
 
-EXPORT int ffg_read_at(uintptr_t address) { return *(volatile int *)address; }
+FAULTY int ffg_read_at(uintptr_t address) { return *(volatile int *)address; }
 
-EXPORT void ffg_write_at(uintptr_t address, int value) { *(volatile int *)address = value; }
+FAULTY void ffg_write_at(uintptr_t address, int value) { *(volatile int *)address = value; }
 
-EXPORT int ffg_read_null(void) { return ffg_read_at(0); }
+FAULTY int ffg_read_null(void) { return ffg_read_at(0); }
 
-EXPORT void ffg_write_null(void) { ffg_write_at(0, 1); }
+FAULTY void ffg_write_null(void) { ffg_write_at(0, 1); }
 
 /* A page mapped PROT_READ, made once: writing it gives SEGV_ACCERR at its address. */
-EXPORT uintptr_t ffg_readonly_page(void)
+FAULTY uintptr_t ffg_readonly_page(void)
 {
     static void *page;
     if (!page) {
@@ -43,7 +46,7 @@ EXPORT uintptr_t ffg_readonly_page(void)
 
 /* Maps two pages of `fd` (a file shorter than one page) and reads the second:
  * SIGBUS, BUS_ADRERR, at the address stored in *where before the read. */
-EXPORT int ffg_read_past_eof(int fd, uintptr_t *where)
+FAULTY int ffg_read_past_eof(int fd, uintptr_t *where)
 {
     long pagesize = sysconf(_SC_PAGESIZE);
     char *map = mmap(NULL, 2 * (size_t)pagesize, PROT_READ, MAP_SHARED, fd, 0);
@@ -53,17 +56,17 @@ EXPORT int ffg_read_past_eof(int fd, uintptr_t *where)
     return *(volatile char *)(map + pagesize);
 }
 
-EXPORT void ffg_illegal_instruction(void) { __builtin_trap(); }
+FAULTY void ffg_illegal_instruction(void) { __builtin_trap(); }
 
-EXPORT int ffg_divide(int a, int b)
+FAULTY int ffg_divide(int a, int b)
 {
     volatile int x = a, y = b;
     return x / y;
 }
 
-EXPORT void ffg_abort(void) { abort(); }
+FAULTY void ffg_abort(void) { abort(); }
 
-EXPORT int ffg_assert_positive(int x)
+FAULTY int ffg_assert_positive(int x)
 {
     assert(x > 0);
     return x;
@@ -73,7 +76,7 @@ EXPORT int ffg_assert_positive(int x)
  * volatile buffer keeps every frame on the stack. */
 static volatile int forever = 1;
 
-EXPORT int ffg_recurse(int depth)
+FAULTY int ffg_recurse(int depth)
 {
     volatile char pad[256];
     pad[0] = (char)depth;
@@ -82,19 +85,20 @@ EXPORT int ffg_recurse(int depth)
     return ffg_recurse(depth + 1) + pad[0];
 }
 
-EXPORT int ffg_call_null(void)
+FAULTY int ffg_call_null(void)
 {
     int (*volatile fn)(void) = NULL;
     return fn();
 }
 
-EXPORT int ffg_raise(int signum) { return raise(signum); }
+FAULTY int ffg_raise(int signum) { return raise(signum); }
 
 /* ---- well-behaved functions -------------------------------------------------- */
 
 EXPORT void ffg_noop(void) {}
 
-EXPORT int ffg_add(int a, int b) { return a + b; }
+/* Wraps around like the hardware (computed unsigned: no undefined behaviour). */
+EXPORT int ffg_add(int a, int b) { return (int)((unsigned)a + (unsigned)b); }
 
 EXPORT int ffg_fill(int *out, int value)
 {
