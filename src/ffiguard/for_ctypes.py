@@ -8,6 +8,8 @@ function object itself stays usable: called directly (or through a C pointer to 
 stub just jumps to the target, unguarded.
 """
 import ctypes
+import platform
+import sys
 
 from . import _core
 from .faults import UnsupportedPlatform
@@ -20,7 +22,8 @@ _stubs = {}  # target address -> stub address, so a function is stubbed once
 def _check_supported():
     if not _core.SUPPORTED:
         raise UnsupportedPlatform(
-            "ffiguard has no guard for this platform (%s); supported: Linux x86-64" % _core.ARCH)
+            "ffiguard has no guard for %s on %s yet (supported: Linux x86-64); foreign calls "
+            "would run unprotected, so ffiguard refuses them" % (platform.machine(), sys.platform))
 
 
 def _retarget(func):

@@ -243,9 +243,7 @@ static void on_signal(int signo, siginfo_t *si, void *context)
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
-#ifndef FFG_NO_ARCH
         ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_return);
-#endif
         /* sigreturn restores this mask: never leave a trapped signal blocked. */
         for (int s = 1; s < NSIGNALS; s++)
             if (trapped[s])

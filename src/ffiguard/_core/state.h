@@ -18,17 +18,13 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#ifndef FFG_NO_ARCH
-#if defined(__x86_64__)
+/* One header per architecture: the guard frame and the signal-context fields. */
+#if defined(FFG_NO_ARCH)
+#include "arch/none.h"
+#elif defined(__x86_64__)
 #include "arch/x86_64.h"
 #else
-#error "ffiguard: no thunk for this architecture (build with FFG_NO_ARCH)"
-#endif
-#else
-struct ffg_frame { uint64_t ret, sp, target, token; };
-#define FFG_ARCH_NAME "unsupported"
-#define FFG_NREGS 1
-#define FFG_REG_NAMES "pc"
+#error "ffiguard: no thunk for this architecture (setup.py builds with FFG_NO_ARCH)"
 #endif
 
 #define FFG_MAX_FRAMES 256 /* guarded calls nested on one thread (via callbacks) */
@@ -89,9 +85,14 @@ void ffg_prev_restore(const void *buf);
 uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */
 uintptr_t ffg_stub_target(uintptr_t stub); /* 0 when not one of ours */
 
-/* arch/<arch>.S */
-void ffg_thunk(void);
-void ffg_thunk_return(void);
-void ffg_thunk_end(void);
+/* arch/<arch>.S (absent without an architecture: weak, so their addresses are NULL) */
+#ifdef FFG_NO_ARCH
+#define FFG_THUNK_DECL __attribute__((weak))
+#else
+#define FFG_THUNK_DECL
+#endif
+void ffg_thunk(void) FFG_THUNK_DECL;
+void ffg_thunk_return(void) FFG_THUNK_DECL;
+void ffg_thunk_end(void) FFG_THUNK_DECL;
 
 #endif

@@ -1,0 +1,26 @@
+/* An architecture without a thunk: the core builds and imports, reports SUPPORTED = 0,
+ * and the Python layer raises UnsupportedPlatform instead of guarding. The handlers are
+ * never installed, so these accessors are never called for real. */
+#ifndef FFG_ARCH_NONE_H
+#define FFG_ARCH_NONE_H
+
+#include <stdint.h>
+#include <ucontext.h>
+
+struct ffg_frame {
+    uint64_t ret, sp, target, token;
+};
+
+#define FFG_ARCH_NAME "unsupported"
+#define FFG_NREGS 1
+#define FFG_REG_NAMES "pc"
+
+static inline uintptr_t ffg_uc_pc(const ucontext_t *uc) { (void)uc; return 0; }
+static inline uintptr_t ffg_uc_sp(const ucontext_t *uc) { (void)uc; return 0; }
+static inline void ffg_uc_regs(const ucontext_t *uc, uint64_t *out) { (void)uc; out[0] = 0; }
+static inline int ffg_uc_access(const ucontext_t *uc) { (void)uc; return 0; }
+static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame, uintptr_t resume)
+{
+    (void)uc, (void)frame, (void)resume;
+}
+#endif
