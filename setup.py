@@ -49,6 +49,12 @@ setup(
             # Bind every symbol at load time: no lazy binding inside the signal handler.
             extra_link_args=["-Wl,-z,now"],
         ),
+        # isolate mode's transport: futex wait, bounded spinning, fixed-address mappings.
+        Extension(
+            "ffiguard._isolate",
+            sources=["src/ffiguard/_isolate/transport.c"],
+            extra_compile_args=WARN + ["-O2"],
+        ),
         # Deliberate faults of every kind, for `python -m ffiguard demo` and the tests.
         # -g so reports can name source lines; -O1 keeps each crash where the source says.
         Extension(
