@@ -73,16 +73,38 @@ def make_policy(name, on_fault):
     return _core.Policy(name, on_fault)
 
 
+MODES = ("trap", "isolate")
+
+
 class CDLL(ctypes.CDLL):
     """ctypes.CDLL whose functions are guarded: a fault inside one raises
-    ffiguard.ForeignFault instead of killing the process. Takes the same arguments as
-    ctypes.CDLL, plus on_fault ("raise", "quarantine" or "exit"; default: the global
-    policy) for what happens after a fault."""
+    ffiguard.ForeignFault instead of killing the process.
 
-    def __init__(self, name, *args, on_fault=None, **kwargs):
+    Takes the same arguments as ctypes.CDLL, plus on_fault ("raise", "quarantine" or
+    "exit"; default: the global policy) for what happens after a fault. `mode` is
+    ctypes' dlopen flags when an int, or ffiguard's mode when a str: "trap" (the
+    default: guarded calls in this process) or "isolate" (the library runs in a helper
+    process: see ffiguard.isolate.IsolatedCDLL for its options, e.g. timeout=).
+    """
+
+    def __new__(cls, name, mode=ctypes.DEFAULT_MODE, *args, **kwargs):
+        if isinstance(mode, str) and mode != "trap":
+            if mode != "isolate":
+                raise ValueError("mode must be one of %s (or ctypes' int dlopen flags), not %r"
+                                 % (", ".join(MODES), mode))
+            from .isolate import IsolatedCDLL  # imported on first use: ~10 ms
+            if args:
+                raise TypeError("mode='isolate' takes keyword options only (timeout=, "
+                                "restart=, limits=, ...)")
+            return IsolatedCDLL(name, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, name, mode=ctypes.DEFAULT_MODE, *args, on_fault=None, **kwargs):
         _check_supported()
+        if mode == "trap":
+            mode = ctypes.DEFAULT_MODE
         self._ffiguard_policy = make_policy(name, on_fault)
-        super().__init__(name, *args, **kwargs)
+        super().__init__(name, mode, *args, **kwargs)
 
     def __getitem__(self, name_or_ordinal):
         return guard(super().__getitem__(name_or_ordinal), policy=self._ffiguard_policy)
