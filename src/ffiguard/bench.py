@@ -37,6 +37,8 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 GOAL_RATIO = 1.10
 GOAL_ADDED_NS = 15.0
 GOAL_FAULT_US = 10.0
+GOAL_ISOLATE_US = 5.0  # issue 6: a two-int call through the helper
+GOAL_ISOLATE_SPEEDUP = 8.0  # issue 6: against a multiprocessing.Pipe round trip
 
 
 class Case(NamedTuple):
@@ -48,6 +50,7 @@ class Case(NamedTuple):
     args: Tuple[Any, ...] = ()
     expect: Any = None  # the result both sides must return (checked once, untimed)
     goal: bool = False  # check the issue's goals on this row
+    scale: float = 1.0  # fraction of --calls timed per round (slow rows: fewer calls)
 
 
 class FaultCase(NamedTuple):
@@ -77,6 +80,18 @@ def call_cases(path: str) -> List[Case]:
         Case("ctypes ffg_noop()", plain.ffg_noop, guarded.ffg_noop, (), None, goal=True),
         Case("ctypes ffg_add(1, 2)", plain.ffg_add, guarded.ffg_add, (1, 2), 3),
     ]
+
+
+def isolate_cases(path: str) -> List[Case]:
+    """isolate mode: the "guarded" column is the call through the helper process (the
+    Pipe row's is a multiprocessing.Pipe round trip making the same call, to compare)."""
+    from .isolate import bench_rows
+
+    cases = []
+    for name, plain, isolated in bench_rows.rows(path):
+        scale = 0.001 if "MiB" in name else 0.05
+        cases.append(Case(name, plain, isolated, (), plain(), scale=scale))
+    return cases
 
 
 def fault_cases(path: str) -> List[FaultCase]:
@@ -192,8 +207,9 @@ def _variants(calls: List[Case], faults: List[FaultCase], n_calls: int, n_faults
     for case in calls:
         for side in ("plain", "guarded"):
             fn = getattr(case, side)
+            n = max(1, int(n_calls * case.scale))
             variants.append(
-                Variant((case.name, side), lambda fn=fn, a=case.args: time_calls(fn, a, n_calls))
+                Variant((case.name, side), lambda fn=fn, a=case.args, n=n: time_calls(fn, a, n))
             )
     for case in faults:
         variants.append(
@@ -225,11 +241,12 @@ def _summary(values: List[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "samples": values}
 
 
-def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None) -> dict:
+def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
+        isolate: bool = True) -> dict:
     import ffiguard
 
     path = path or ffiguard.crashers_path()
-    calls = call_cases(path)
+    calls = call_cases(path) + (isolate_cases(path) if isolate else [])
     faults = fault_cases(path)
     _check(calls, faults)
     variants = _variants(calls, faults, n_calls, n_faults)
@@ -285,6 +302,16 @@ def goals(rows: List[dict], fault_rows: List[dict]) -> List[dict]:
                         "value": round(row["ratio"], 3), "met": row["ratio"] <= GOAL_RATIO})
             out.append({"what": f"{row['name']}: added <= {GOAL_ADDED_NS:g} ns",
                         "value": round(row["added_ns"], 1), "met": row["added_ns"] <= GOAL_ADDED_NS})
+    by_name = {row["name"]: row for row in rows}
+    iso = by_name.get("isolate ffg_add(1, 2)")
+    pipe = next((r for r in rows if r["name"].startswith("multiprocessing.Pipe")), None)
+    if iso and pipe:  # issue 6
+        us = iso["guarded_ns"]["median"] / 1000
+        speedup = pipe["guarded_ns"]["median"] / iso["guarded_ns"]["median"]
+        out.append({"what": "isolate ffg_add(1, 2) <= %g us" % GOAL_ISOLATE_US,
+                    "value": round(us, 2), "met": us <= GOAL_ISOLATE_US})
+        out.append({"what": "isolate >= %gx faster than a Pipe round trip" % GOAL_ISOLATE_SPEEDUP,
+                    "value": round(speedup, 1), "met": speedup >= GOAL_ISOLATE_SPEEDUP})
     for row in fault_rows:
         if row["goal"]:
             med = row["round_trip_us"]["median"]
@@ -367,14 +394,15 @@ def format_table(result: dict) -> str:
     out = [
         f"ffiguard {m['ffiguard']}: plain ctypes vs ffiguard.CDLL, {result['rounds']} interleaved "
         f"rounds of {result['calls_per_round']} calls ({result['faults_per_round']} faults) "
-        f"per variant; median (min) over rounds; loop overhead included, nothing subtracted",
+        f"per variant (isolate rows: 5% of that; 1 MiB rows: 0.1%); median (min) over rounds; "
+        f"loop overhead included, nothing subtracted",
         f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['platform']}; {m['python']} ({m['compiler']})",
         "",
         *table,
     ]
     if result["goals"]:
         out.append("")
-        out.append("goals (issue 2): " + "; ".join(
+        out.append("goals: " + "; ".join(
             f"{g['what']}: {g['value']} {'met' if g['met'] else 'NOT MET'}" for g in result["goals"]))
     out.append(f"({result['seconds']:.1f} s; ffiguard.stats() after the run: {result['stats']})")
     return "\n".join(out)
@@ -392,11 +420,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--faults", type=int, default=2_000,
                         help="faulting calls per timed loop (default 2000)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="leave out the isolate-mode rows (they start a helper process)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1 or args.faults < 1:
         parser.error("--rounds, --calls and --faults must be >= 1")
 
-    result = run(args.rounds, args.calls, args.faults)
+    result = run(args.rounds, args.calls, args.faults, isolate=not args.no_isolate)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
