@@ -23,6 +23,9 @@ from .faults import (
     IllegalInstruction, LibraryQuarantined, SegmentationFault, UnsupportedPlatform,
 )
 from .for_ctypes import CDLL, cdll, guard
+from .policy import get_default_policy, release, set_default_policy
+from . import policy as _policy
+from . import report as _report
 
 __version__ = "0.1.0"
 
@@ -30,22 +33,28 @@ __all__ = [
     "CDLL", "cdll", "guard", "GuardedFunction", "stats", "crashers_path",
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
     "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
-    "UnsupportedPlatform",
+    "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",
 ]
 
 
 def stats():
-    """Faults recovered in this process so far: {"recovered": n, "by_signal": {...}}.
+    """Faults recovered in this process so far:
+    {"recovered": n, "by_signal": {...}, "suspect": n}.
 
     Every recovered fault interrupted foreign code mid-way; a growing count is a reason
-    to distrust the process's state (see ForeignFault)."""
+    to distrust the process's state (see ForeignFault). "suspect" counts the faults
+    inside the C library's allocator or stdio (see ffiguard.policy): after one of those,
+    the whole process is suspect, not just the faulting library."""
     by_signal = {s.name: _core.recovered(int(s)) for s in _signals.TRAPPED}
-    return {"recovered": _core.recovered(0), "by_signal": by_signal}
+    return {"recovered": _core.recovered(0), "by_signal": by_signal,
+            "suspect": _policy.suspect_count()}
 
 
 def crashers_path():
     """Path of the shared library of deliberate faults used by the demo and the tests."""
     return _importlib_util.find_spec("ffiguard._crashers").origin
 
+
+_report.install_excepthook()  # Python 3.9/3.10 only: print the native backtrace notes
 
 del _signal

@@ -16,18 +16,122 @@ from typing import List, Optional
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=4, metavar="N",
-                        help="native frames to show per fault (default 4)")
+                        help="native frames to show per fault with --short (default 4)")
+    parser.add_argument("--short", action="store_true",
+                        help="show the traceback notes instead of the full report")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="ANSI colours: auto (a terminal, and NO_COLOR unset), always, never")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
     from ffiguard import demo
 
-    return demo.run(n_frames=max(args.frames, 0))
+    color = {"auto": None, "always": True, "never": False}[args.color]
+    return demo.run(n_frames=max(args.frames, 0), full=not args.short, color=color)
+
+
+# ---- doctor -------------------------------------------------------------------------
+
+
+def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _tool_version(path: str) -> str:
+    import subprocess
+
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "%s (version unknown: %s)" % (path, type(e).__name__)
+    lines = [l.strip() for l in (proc.stdout or proc.stderr).splitlines() if l.strip()]
+    version = next((l for l in lines if any(c.isdigit() for c in l)), "?")
+    return "%s (%s)" % (path, version)
+
+
+def protection_keys() -> str:
+    """'yes' if pkey_alloc works here (x86-64: syscall 330), else 'no (reason)'."""
+    import ctypes
+    import os
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "no (checked on x86-64 only)"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    key = libc.syscall(ctypes.c_long(330), ctypes.c_ulong(0), ctypes.c_ulong(0))  # pkey_alloc
+    if key < 0:
+        err = ctypes.get_errno()
+        return "no (pkey_alloc: %s)" % (os.strerror(err) if err else "failed")
+    libc.syscall(ctypes.c_long(331), ctypes.c_long(key))  # pkey_free
+    return "yes"
+
+
+def doctor_lines() -> List[str]:
+    import os
+    import platform
+    import signal
+    import sysconfig
+
+    lines = []
+    add = lines.append
+    uname = os.uname()
+    add("ffiguard doctor: what this machine supports (paste this into bug reports)")
+    try:
+        import ffiguard
+        from ffiguard import _core, signals, symbolize
+
+        version, error = ffiguard.__version__, None
+    except Exception as e:  # the core may not load: say so, do not crash
+        version, error = "?", "%s: %s" % (type(e).__name__, e)
+    add("ffiguard:        %s%s" % (version, " (import failed: %s)" % error if error else ""))
+    add("architecture:    %s" % platform.machine())
+    add("kernel:          %s %s %s" % (uname.sysname, uname.release, uname.version))
+    libc = platform.libc_ver()
+    add("libc:            %s" % (" ".join(x for x in libc if x) or "unknown"))
+    ft = sysconfig.get_config_var("Py_GIL_DISABLED")
+    gil = getattr(sys, "_is_gil_enabled", None)
+    add("python:          %s %s (%s), %s" % (
+        platform.python_implementation(), platform.python_version(), sys.executable,
+        "free-threaded build%s" % (", GIL enabled at run time" if gil and gil() else "") if ft
+        else "GIL build (not free-threaded)"))
+    add("python build:    %s" % " ".join(platform.python_build()))
+    add("protection keys: %s" % protection_keys())
+    if error is None:
+        add("guard:           %s" % ("supported (%s)" % _core.ARCH if _core.SUPPORTED
+                                     else "UNSUPPORTED on %s" % _core.ARCH))
+        add("signals trapped:")
+        for s in signals.TRAPPED:
+            ours = _core.is_trapped(int(s))
+            add("  %-8s %s" % (s.name, "ffiguard's handler is installed" if ours
+                               else "NOT ours now (another handler replaced it; "
+                                    "ffiguard.signals.refresh() puts it back)"))
+        found = symbolize.available_backends()
+        add("symbolizers:     (in order of preference; in use: %s)" % symbolize.backend())
+        for name, where in found.items():
+            if where is None:
+                add("  %-16s not found%s" % (name, " (pip install 'ffiguard[symbols]')"
+                                              if name == "pyelftools" else " on PATH"))
+            else:
+                add("  %-16s %s" % (name, where if name == "pyelftools" else _tool_version(where)))
+        add("  %-16s always (dladdr, and ELF .symtab/.dynsym read by ffiguard)" % "fallback")
+        add("on_fault default: %s" % ffiguard.get_default_policy())
+        add("stats:           %s" % ffiguard.stats())
+    return lines
+
+
+def _doctor_run(args: argparse.Namespace) -> int:
+    for line in doctor_lines():
+        print(line)
+    return 0
 
 
 COMMANDS = [
     ("demo", "run every kind of fault through a guarded call and show it caught",
      _demo_arguments, _demo_run),
+    ("doctor", "print what this machine supports (for bug reports)",
+     _doctor_arguments, _doctor_run),
 ]
 
 

@@ -85,73 +85,35 @@ def faults(lib) -> List[Fault]:
     ]
 
 
-# ---- symbolizing the frames (dladdr, in normal context) ----------------------------------
-
-
-class _DlInfo(ctypes.Structure):
-    _fields_ = [
-        ("dli_fname", ctypes.c_char_p),
-        ("dli_fbase", ctypes.c_void_p),
-        ("dli_sname", ctypes.c_char_p),
-        ("dli_saddr", ctypes.c_void_p),
-    ]
-
-
-_dladdr = None
-
-
-def _symbolize(pc: int, return_address: bool) -> str:
-    """'symbol+0xoff (library)' for pc, or '?'. For return addresses, look up pc - 1
-    (the call instruction) so a call at the end of a function is named correctly."""
-    global _dladdr
-    if _dladdr is None:
-        try:
-            fn = ctypes.CDLL(None).dladdr
-            fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-            fn.restype = ctypes.c_int
-            _dladdr = fn
-        except (OSError, AttributeError):
-            _dladdr = False
-    if not _dladdr or not pc:
-        return "?"
-    info = _DlInfo()
-    if not _dladdr(pc - 1 if return_address else pc, ctypes.byref(info)):
-        return "?"
-    lib = os.path.basename(info.dli_fname.decode(errors="replace")) if info.dli_fname else "?"
-    if info.dli_sname and info.dli_saddr:
-        return f"{info.dli_sname.decode(errors='replace')}+{pc - info.dli_saddr:#x} ({lib})"
-    return f"{lib}+{pc - (info.dli_fbase or 0):#x}"
-
-
-def _describe(e: BaseException, n_frames: int) -> List[str]:
-    lines = [f"    {e}"]
-    attrs = []
-    for name in ("code_name", "address", "access", "function", "symbol"):
-        value = getattr(e, name, None)
-        if name == "address" and value is not None:
-            value = hex(value)
-        attrs.append(f"{name}={value}")
-    lines.append("    " + ", ".join(attrs))
-    frames = list(getattr(e, "frames", None) or [])
-    for i, pc in enumerate(frames[:n_frames]):
-        lines.append(f"      #{i} {pc:#014x} {_symbolize(pc, return_address=i > 0)}")
-    if len(frames) > n_frames:
-        lines.append(f"      ... {len(frames) - n_frames} more frames")
-    return lines
-
-
 # ---- the demo -------------------------------------------------------------------------------
 
 
-def run(out: Optional[TextIO] = None, n_frames: int = 4) -> int:
+def use_color(out: TextIO) -> bool:
+    """Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def run(out: Optional[TextIO] = None, n_frames: int = 4, full: bool = True,
+        color: Optional[bool] = None) -> int:
+    from ffiguard import report as _report
+
     out = out or sys.stdout
+    color = use_color(out) if color is None else color
+    style = _report._Style(color)
+    _report.NOTE_FRAMES = n_frames
     lib = _library()
     cases = faults(lib)
     failed = []
-    print(f"ffiguard demo: {len(cases)} deliberate faults in foreign code, pid {os.getpid()}", file=out)
+    print(style.head(f"ffiguard demo: {len(cases)} deliberate faults in foreign code, pid {os.getpid()}"),
+          file=out)
     print(f"library: {ffiguard.crashers_path()}", file=out)
     for i, case in enumerate(cases, 1):
-        print(f"\n[{i}/{len(cases)}] {case.title}: {case.call}", file=out)
+        print("\n" + style.head(f"[{i}/{len(cases)}] {case.title}: {case.call}"), file=out)
         out.flush()
         sys.stderr.flush()  # assert() writes its message to stderr: keep the order readable
         try:
@@ -160,33 +122,36 @@ def run(out: Optional[TextIO] = None, n_frames: int = 4) -> int:
             sys.stderr.flush()
             ok = type(e) is case.expected
             if ok:
-                print(f"  caught {type(e).__name__}, as expected:", file=out)
+                print(style.good(f"caught {type(e).__name__}, as expected") + ":", file=out)
             else:
-                print(f"  caught {type(e).__name__}, but expected {case.expected.__name__}:",
+                print(style.bad(f"caught {type(e).__name__}, but expected {case.expected.__name__}") + ":",
                       file=out)
-            for line in _describe(e, n_frames):
-                print(line, file=out)
+            if full:
+                text = e.report(color=color)
+            else:
+                text = f"{type(e).__name__}: {e}\n" + "\n".join(e.__notes__) + "\n"
+            out.write("  " + text.rstrip("\n").replace("\n", "\n  ") + "\n")
             code_name = getattr(e, "code_name", None)
             if code_name != case.code_name:
-                print(f"    note: code_name {code_name}, expected {case.code_name} on x86-64", file=out)
+                print(f"  note: code_name {code_name}, expected {case.code_name} on x86-64", file=out)
             if not ok:
                 failed.append(f"{case.title}: {type(e).__name__}, expected {case.expected.__name__}")
         except Exception as e:  # not a ForeignFault at all
-            print(f"  FAILED: raised {type(e).__name__}: {e}", file=out)
+            print(style.bad(f"  FAILED: raised {type(e).__name__}: {e}"), file=out)
             failed.append(f"{case.title}: {type(e).__name__}, expected {case.expected.__name__}")
         else:
-            print(f"  FAILED: returned {result!r} without a fault", file=out)
+            print(style.bad(f"  FAILED: returned {result!r} without a fault"), file=out)
             failed.append(f"{case.title}: no exception, expected {case.expected.__name__}")
 
     print(f"\nffiguard.stats(): {ffiguard.stats()}", file=out)
     if failed:
-        print(f"\nThe process survived, but {len(failed)} of {len(cases)} faults were not caught "
-              f"as expected:", file=out)
+        print(style.bad(f"\nThe process survived, but {len(failed)} of {len(cases)} faults were not "
+                        f"caught as expected:"), file=out)
         for f in failed:
             print(f"  - {f}", file=out)
         return 1
-    print(f"\nThe process (pid {os.getpid()}) survived all {len(cases)} faults. "
-          f"State inside the faulting library may be suspect after a recovered fault.", file=out)
+    print(style.good(f"\nThe process (pid {os.getpid()}) survived all {len(cases)} faults.") +
+          " State inside the faulting library may be suspect after a recovered fault.", file=out)
     return 0
 
 

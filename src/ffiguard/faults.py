@@ -42,6 +42,9 @@ def _rebuild(cls, values):
     return exc
 
 
+_NO_NOTES = object()  # __notes__ was deleted
+
+
 class ForeignFault(Exception):
     """A foreign (native) function faulted; ffiguard stopped it and raised this instead
     of letting the process die.
@@ -52,10 +55,18 @@ class ForeignFault(Exception):
     ``sp``, ``function`` (the guarded function called), ``library`` and ``symbol``
     (where ``pc`` is), ``frames`` (the native backtrace: return addresses, innermost
     first, ``frames[0] == pc``), ``registers`` (dict at the fault).
+
+    ``report()`` returns the full report (signal and code in words, registers, the fault
+    address among the process's mappings, the call's arguments, the symbolized native
+    backtrace, suspect state). ``__notes__`` (PEP 678) holds the symbolized native
+    backtrace, worked out when first read, so tracebacks show it.
     """ + _STATE_WARNING
 
     signal_number = None
     _raw = None  # the tuple made by _core, or None
+    _call = None  # (args, kwnames) of the guarded call, for the report
+    _on_fault = "raise"  # the policy applied
+    _notes = None  # __notes__ once worked out (a list), or _NO_NOTES
 
     def __init__(self, message=None, **fields):
         super().__init__()
@@ -65,10 +76,11 @@ class ForeignFault(Exception):
             self._values["message"] = message
 
     @classmethod
-    def _from_record(cls, record, function):
+    def _from_record(cls, record, function, call=None):
         exc = cls.__new__(cls)
         exc._raw = record
         exc._values = {"function": function}
+        exc._call = call
         return exc
 
     signal = _field("signal", lambda self: _signal.Signals(self._raw[0]))
@@ -93,6 +105,37 @@ class ForeignFault(Exception):
             return describe_pc(self._raw[3], self._raw[11])
         return describe_pc(self.pc) if self.pc is not None else (None, None, "an unknown address")
 
+    def report(self, color=False):
+        """The full text report of this fault (see ffiguard.report); worked out now,
+        then cached. `color` adds ANSI colours for a terminal."""
+        saved = self._values.get("report")
+        if saved is not None and not color:
+            return saved
+        from . import report
+        return report.report(self, color=color)
+
+    @property
+    def __notes__(self):
+        """PEP 678 notes: the symbolized native backtrace first (worked out on first
+        read), then any added with add_note()."""
+        notes = self._notes
+        if notes is None:
+            from . import report
+            notes = self._notes = report.notes(self)
+        elif notes is _NO_NOTES:
+            raise AttributeError("__notes__")
+        return notes
+
+    @__notes__.setter
+    def __notes__(self, value):
+        self._notes = value
+
+    @__notes__.deleter
+    def __notes__(self):
+        if self._notes is _NO_NOTES:
+            raise AttributeError("__notes__")
+        self._notes = _NO_NOTES
+
     @property
     def args(self):
         return (self.message,) if self.message is not None else ()
@@ -110,8 +153,11 @@ class ForeignFault(Exception):
     def __reduce__(self):
         names = ("message", "signal", "code", "code_name", "address", "access", "pc", "sp",
                  "function", "library", "symbol", "frames", "registers")
-        notes = self.__dict__.get("__notes__")  # PEP 678 notes travel too
-        return _rebuild, (type(self), {n: getattr(self, n) for n in names}), notes and {"__notes__": notes}
+        values = {n: getattr(self, n) for n in names}
+        if self._raw is not None:  # the addresses mean nothing elsewhere: send the texts
+            values["report"] = self.report()
+        notes = getattr(self, "__notes__", None)  # PEP 678 notes travel too
+        return _rebuild, (type(self), values), {"_notes": list(notes)} if notes else None
 
 
 class SegmentationFault(ForeignFault):
@@ -261,8 +307,10 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
         cls = ForeignStackOverflow
     else:
         cls = _CLASSES.get(signum, ForeignFault)
-    return cls._from_record(record, function)
+    return _after_fault(cls._from_record(record, function, (args, kwnames)), record, policy)
 
+
+from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)
 
 _core.set_fault_factory(from_record)
 _core.set_quarantine_error(LibraryQuarantined)

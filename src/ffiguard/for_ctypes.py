@@ -13,6 +13,7 @@ import sys
 
 from . import _core
 from .faults import UnsupportedPlatform
+from .policy import ON_FAULT
 
 __all__ = ["CDLL", "cdll", "guard"]
 
@@ -61,9 +62,6 @@ def guard(func, name=None, policy=None):
                         "held; ffiguard does not guard them")
     target = _retarget(func)
     return _core.GuardedFunction(func, name, policy, target)
-
-
-ON_FAULT = ("raise", "quarantine", "exit")
 
 
 def make_policy(name, on_fault):

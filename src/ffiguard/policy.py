@@ -1,0 +1,227 @@
+"""What happens after a fault: the on_fault policy, and counting "suspect" faults.
+
+on_fault, per library (ffiguard.CDLL(name, on_fault=...)) or global
+(set_default_policy(), used by every library whose on_fault is None):
+
+* "raise" (the default): raise the exception; the library can be called again.
+* "quarantine": raise the exception, and mark the library quarantined: every further
+  call into it raises LibraryQuarantined without calling, until ffiguard.release(lib).
+* "exit": write the exception's full report to stderr and end the process at once with
+  os._exit(EXIT_STATUS) (70, EX_SOFTWARE): no exception, no atexit handlers, no
+  finalizers — nothing more runs in a process whose state is suspect.
+
+A fault is *suspect* when a frame of its native backtrace is in the C library's
+allocator (malloc, free, ...; a glibc heap-corruption abort is one of these) or in stdio
+(FILE functions): a lock may be held forever and the heap may be damaged, for the whole
+process, not just the faulting library. after_fault() only queues the raw pcs (the fault
+path is measured); they are classified when stats() or a report asks.
+"""
+import os
+import sys
+import threading
+
+from . import _core
+
+__all__ = ["ON_FAULT", "EXIT_STATUS", "set_default_policy", "get_default_policy", "release",
+           "suspect_count", "classify"]
+
+ON_FAULT = ("raise", "quarantine", "exit")
+EXIT_STATUS = 70  # EX_SOFTWARE (sysexits.h): internal software error
+
+_default = "raise"
+_pending = {}  # raw frame bytes of faults not yet classified -> how many such faults
+_PENDING_MAX = 256  # distinct backtraces: classified in a batch beyond this
+_known = {}  # raw frame bytes -> suspect or not (a backtrace seen before)
+_suspect = 0
+_lock = threading.Lock()
+
+
+def set_default_policy(on_fault="raise"):
+    """Set the global on_fault ("raise", "quarantine" or "exit"), used by every library
+    whose own on_fault is None; returns the previous one."""
+    global _default
+    if on_fault not in ON_FAULT:
+        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), on_fault))
+    previous, _default = _default, on_fault
+    return previous
+
+
+def get_default_policy():
+    """The global on_fault."""
+    return _default
+
+
+def _policy_of(lib):
+    if isinstance(lib, _core.Policy):
+        return lib
+    policy = getattr(lib, "_ffiguard_policy", None)  # an ffiguard.CDLL
+    if policy is None and isinstance(lib, _core.GuardedFunction):
+        policy = lib.__policy__
+    if policy is None:
+        raise TypeError("release() takes an ffiguard.CDLL, one of its functions or its policy, "
+                        "not %s" % type(lib).__name__)
+    return policy
+
+
+def release(lib):
+    """Lift a quarantine: calls into `lib` (an ffiguard.CDLL, one of its functions, or its
+    policy) go through again. Returns True if it was quarantined."""
+    policy = _policy_of(lib)
+    was = policy.quarantined
+    policy.quarantined = False
+    return was
+
+
+def is_quarantined(lib):
+    return _policy_of(lib).quarantined
+
+
+def mode_for(policy):
+    """The on_fault that applies to a library's policy (or to a function guarded alone)."""
+    mode = policy.on_fault if policy is not None else None
+    return _default if mode is None else mode
+
+
+def after_fault(exc, record, policy):
+    """Called by faults.from_record for every fault: queue it for the suspect count, then
+    apply the policy. Cheap for "raise"."""
+    raw = record[9]
+    _pending[raw] = _pending.get(raw, 0) + 1
+    if len(_pending) > _PENDING_MAX:
+        _classify_pending()
+    mode = policy.on_fault if policy is not None else None
+    if mode is None:
+        mode = _default
+    if mode == "raise":
+        return exc
+    exc._on_fault = mode
+    if mode == "quarantine":
+        if policy is not None:
+            policy.quarantined = True
+        return exc
+    if mode == "exit":
+        _exit_with_report(exc)
+    return exc
+
+
+def _exit_with_report(exc):
+    try:
+        text = exc.report()
+    except BaseException as e:  # the report is best effort; exiting is not
+        text = "%s: %s\n(the full report failed: %r)\n" % (type(exc).__name__, exc, e)
+    text = text.rstrip("\n") + "\n\nffiguard: on_fault=\"exit\": ending the process with status %d.\n" % EXIT_STATUS
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BaseException:
+        pass
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except BaseException:
+        try:
+            os.write(2, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+    os._exit(EXIT_STATUS)
+
+
+# ---- suspect state ------------------------------------------------------------------------
+
+ALLOCATOR = frozenset("""
+malloc free cfree calloc realloc reallocarray memalign posix_memalign aligned_alloc valloc
+pvalloc malloc_trim malloc_usable_size malloc_stats malloc_info mallinfo mallinfo2 mallopt
+libc_malloc libc_free libc_calloc libc_realloc libc_memalign libc_valloc libc_pvalloc
+libc_mallopt libc_mallinfo malloc_consolidate malloc_printerr sysmalloc sysmalloc_mmap
+munmap_chunk mremap_chunk unlink_chunk tcache_init tcache_thread_shutdown arena_get2
+arena_get_retry malloc_check_init
+""".split())
+
+STDIO = frozenset("""
+fopen fopen64 fdopen freopen freopen64 fclose fcloseall fflush fputs fputc putc putchar
+puts fputws fputwc putwc putwchar fgets fgetc getc getchar fgetws fgetwc getwc getwchar
+ungetc ungetwc fread fwrite fprintf printf vfprintf vprintf fwprintf wprintf vfwprintf
+vwprintf fscanf scanf vfscanf vscanf fwscanf wscanf vfwscanf vwscanf getline getdelim
+setvbuf setbuf setbuffer setlinebuf fseek fseeko fseeko64 ftell ftello ftello64 rewind
+fgetpos fsetpos fgetpos64 fsetpos64 feof ferror clearerr fileno flockfile funlockfile
+ftrylockfile perror popen pclose open_memstream open_wmemstream fmemopen fopencookie
+uflow overflow underflow woverflow wuflow wunderflow flushlbf fpurge fbufsize fpending
+freading fwriting fsetlocking
+""".split())
+
+ABORT = frozenset(("abort", "libc_message", "malloc_printerr", "libc_fatal"))
+
+
+def _base_name(name):
+    n = name.lstrip("_")
+    for suffix in ("_chk", "_unlocked", "_internal"):
+        if n.endswith(suffix):
+            n = n[: -len(suffix)]
+    if n.startswith("GI_"):
+        n = n[3:].lstrip("_")
+    return n
+
+
+def classify_names(names):
+    """(kind, symbol) for a backtrace's symbol names, innermost first: kind is
+    "heap corruption", "allocator", "stdio" or None."""
+    alloc = stdio = None
+    aborted = False
+    for name in names:
+        if not name:
+            continue
+        n = _base_name(name)
+        if n in ABORT:
+            aborted = True
+        if alloc is None and (n in ALLOCATOR or n.startswith("int_malloc") or n.startswith("int_free")
+                              or n.startswith("int_realloc") or n.startswith("int_memalign")):
+            alloc = name
+        if stdio is None and (n in STDIO or n.startswith("IO_")):
+            stdio = name
+    if alloc is not None:
+        return ("heap corruption" if aborted else "allocator"), alloc
+    if stdio is not None:
+        return "stdio", stdio
+    return None, None
+
+
+def frame_names(pcs):
+    """The exported symbol containing each pc (dladdr; pc - 1 for return addresses)."""
+    names = []
+    for i, pc in enumerate(pcs):
+        found = _core.dladdr(pc - 1 if i else pc) if pc > 1 else None
+        names.append(found[2] if found else None)
+    return names
+
+
+def classify(pcs):
+    """(kind, symbol) for a native backtrace: see classify_names. Uses the exported
+    symbols only (dladdr), so the count does not depend on which symbolizer is installed:
+    every path into glibc's allocator or stdio passes through an exported entry point."""
+    return classify_names(frame_names(pcs))
+
+
+def _classify_pending():
+    global _suspect
+    import array
+
+    with _lock:
+        batch = []
+        while _pending:  # popitem: safe against appends from other threads meanwhile
+            batch.append(_pending.popitem())
+    n = 0
+    for raw, count in batch:
+        bad = _known.get(raw)
+        if bad is None:
+            if len(_known) >= 4096:
+                _known.clear()
+            bad = _known[raw] = classify(list(array.array("Q", raw)))[0] is not None
+        n += count if bad else 0
+    with _lock:
+        _suspect += n
+
+
+def suspect_count():
+    """Faults so far whose backtrace was inside the C library's allocator or stdio."""
+    _classify_pending()
+    return _suspect
