@@ -45,3 +45,17 @@ def test_unknown_mode_is_a_clear_error():
 def test_isolate_mode_rejects_positional_ctypes_arguments():
     with pytest.raises(TypeError, match="keyword options only"):
         ffiguard.CDLL(ffiguard.crashers_path(), "isolate", None)
+
+
+def test_isolate_names_are_exported_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, ffiguard; assert 'ffiguard.isolate' not in sys.modules; "
+            "assert ffiguard.ForeignTimeout is __import__('ffiguard.isolate').isolate.ForeignTimeout; "
+            "assert issubclass(ffiguard.ForeignTimeout, ffiguard.ForeignFault); "
+            "b = ffiguard.foreign_buffer(16); assert len(b) == 16; "
+            "assert {'foreign_buffer', 'IsolatedCDLL'} <= set(ffiguard.__all__); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ffiguard.nope

@@ -34,7 +34,21 @@ __all__ = [
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
     "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
     "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",
+    # isolate mode (loaded on first use):
+    "IsolatedCDLL", "foreign_buffer", "foreign_new", "ForeignTimeout", "ForeignExit",
+    "HelperDied", "HelperUnavailable", "StaleHandle",
 ]
+
+_ISOLATE_NAMES = frozenset(__all__[-8:])
+
+
+def __getattr__(name):
+    # isolate mode costs ~10 ms to import (a C extension, the helper machinery): only
+    # programs that use it pay.
+    if name in _ISOLATE_NAMES:
+        from . import isolate
+        return getattr(isolate, name)
+    raise AttributeError("module 'ffiguard' has no attribute %r" % name)
 
 
 def stats():
