@@ -342,13 +342,16 @@ def install_excepthook():
 
     previous = sys.excepthook
 
-    def excepthook(exc_type, exc, tb):
-        previous(exc_type, exc, tb)
+    def print_notes(exc):
         for note in _fault_notes(exc):
             try:
                 sys.stderr.write(note + "\n")
             except Exception:
                 pass
+
+    def excepthook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        print_notes(exc)
 
     excepthook.__ffiguard__ = True
     sys.excepthook = excepthook
@@ -357,11 +360,7 @@ def install_excepthook():
 
     def thread_excepthook(args):
         previous_thread(args)
-        for note in _fault_notes(args.exc_value):
-            try:
-                sys.stderr.write(note + "\n")
-            except Exception:
-                pass
+        print_notes(args.exc_value)
 
     thread_excepthook.__ffiguard__ = True
     threading.excepthook = thread_excepthook
