@@ -9,9 +9,10 @@ control region) and the heap memfd (received from the config) are mapped and clo
 at once.  The host sends the configuration as a pickle over the socket; the helper
 answers with JSON: ["ready", pid] or ["error", exception description].  Then:
 
-- one worker thread per call slot waits (ffiguard._isolate.exchange: spin, then
-  futex) for a request, decodes it, calls the library function through ffiguard's
-  trap mode (ffiguard.CDLL), and writes the reply into the slot;
+- one worker thread per call slot waits (ffiguard._isolate.serve: spin, then futex)
+  for a request, decodes it, calls the library function through ffiguard's trap mode
+  (ffiguard.CDLL), and writes the reply into the slot; requests of number-only
+  functions are served entirely in C (serve calls the guarded function itself);
 - the main thread blocks reading the socket: EOF means the host is gone (or closed the
   library), and the helper exits at once.  PR_SET_PDEATHSIG(SIGKILL) covers a host
   killed while this thread is not scheduled.
@@ -84,6 +85,7 @@ class Server:
         from . import _wire as W
         self.W = W
         self.exchange = _isolate.exchange
+        self.serve_fast = _isolate.serve
         _apply_limits(cfg.get("limits"))
         self.nslots, self.slot_size = cfg["slots"], cfg["slot_size"]
         self.ctl_size = W.CONTROL_HEAD + self.nslots * self.slot_size
@@ -101,6 +103,7 @@ class Server:
         self.lib = ffiguard.CDLL(cfg["name"], mode=cfg["dlopen_mode"], use_errno=cfg["use_errno"])
         self.use_errno = cfg["use_errno"]
         self.funcs = []
+        self.fast = []  # per function id: (guarded function, descriptor) for _isolate.serve, or None
         self.lock = threading.Lock()
         self.local = threading.local()
 
@@ -120,13 +123,28 @@ class Server:
         self.local.slot = (addr, base)
         mem = self.mem
         limit = self.slot_size - W.SLOT_HEAD - W.CB_AREA
-        exchange = self.exchange
         head = struct.Struct("=III")  # op, status, req_len at OFF_OP
-        rep = struct.Struct("=II")    # status, rep_len ... at OFF_STATUS / OFF_REP_LEN
-        st = exchange(addr, -1, W.IDLE)
+        serve = self.serve_fast
+        fast = self.fast
+        fault = self.ffiguard.ForeignFault
+        set_state, wait_while = -1, W.IDLE
         while True:
+            # C: wait, and answer requests of number-only functions (self.fast) there;
+            # back here with CALL for any other request, or with the exception of a
+            # fast call that failed (still to be answered).
+            try:
+                st = serve(addr, set_state, wait_while, fast, limit)
+            except BaseException as exc:  # noqa: B902 - every failure goes to the host
+                req_len = head.unpack_from(mem, base + W.OFF_OP)[2]
+                rep_off = W.align(min(req_len, limit))
+                status, n = self.put_json(W.FAULT if isinstance(exc, fault) else W.ERROR,
+                                          W.exception_to_json(exc), mem, payload, rep_off, limit)
+                W.U32.pack_into(mem, base + W.OFF_STATUS, status)
+                W.U32.pack_into(mem, base + W.OFF_REP_LEN, n)
+                set_state = wait_while = W.REPLY
+                continue
             if st != W.CALL:  # only the host moves a slot to CALL; anything else is noise
-                st = exchange(addr, -1, st)
+                set_state, wait_while = -1, st
                 continue
             op, _, req_len = head.unpack_from(mem, base + W.OFF_OP)
             rep_off = W.align(min(req_len, limit))
@@ -140,7 +158,7 @@ class Server:
                                           limit)
             W.U32.pack_into(mem, base + W.OFF_STATUS, status)
             W.U32.pack_into(mem, base + W.OFF_REP_LEN, n)
-            st = exchange(addr, W.REPLY, W.REPLY)
+            set_state = wait_while = W.REPLY
 
     def put_json(self, status, obj, mem, payload, rep_off, limit):
         """Replies other than results are JSON: the host never unpickles helper data."""
@@ -210,8 +228,10 @@ class Server:
         argst = struct.Struct("@" + "".join(codes))
         resst = struct.Struct("@" + W.wire_code(res)) if res and res[0] in "s" and res[1] in W.SCALAR_CODES else None
         entry = (fn, argst, None if fast else decoders, res, resst, name)
+        desc = None if self.use_errno else W.fast_desc(argspecs, res)
         with self.lock:
             self.funcs.append(entry)
+            self.fast.append((fn, desc) if desc is not None else None)
             fid = len(self.funcs) - 1
         return fid, address
 

@@ -179,6 +179,41 @@ def wire_code(spec):
     raise Unsupported("cannot pass %r" % (spec,))
 
 
+# ---- the scalar fast path ---------------------------------------------------------------
+
+FAST_MAXARGS = 24
+FAST_ARG_CODES = frozenset("bBhHiIlLqQfd?cP")  # P: c_void_p given as a plain int or None
+FD_STRICT = 1
+
+
+def fast_desc(specs, res, inferred=False):
+    """The descriptor of a signature the C fast path (ffiguard._isolate) can take, or
+    None: bytes [nargs, result code or 0, size of the packed arguments, flags] then
+    (code, offset) per argument.  The layout is struct's "@" layout of the wire codes,
+    so the Python path and the C path agree byte for byte.  `inferred`: the types came
+    from the values (no argtypes); only all-c_int signatures qualify then, and only
+    exact ints take the C path (so the C path never has to guess a type)."""
+    if len(specs) > FAST_MAXARGS:
+        return None
+    codes = []
+    for s in specs:
+        if s[0] != "s" or s[1] not in FAST_ARG_CODES:
+            return None
+        codes.append(s[1])
+    if inferred and any(c != "i" for c in codes):
+        return None
+    if res is not None and (res[0] != "s" or res[1] not in SCALAR_CODES):
+        return None
+    wire = "".join("q" if c == "P" else c for c in codes)
+    size = struct.calcsize("@" + wire)
+    if size > 255:
+        return None
+    out = [len(codes), ord(res[1]) if res is not None else 0, size, FD_STRICT if inferred else 0]
+    for k, c in enumerate(codes):
+        out += [ord(c), struct.calcsize("@" + wire[:k + 1]) - struct.calcsize(wire[k])]
+    return bytes(out)
+
+
 # ---- replies from the helper: JSON, never pickle (the host must not trust them) ----------
 
 _FAULT_FIELDS = ("message", "code", "code_name", "address", "access", "pc", "sp", "function",

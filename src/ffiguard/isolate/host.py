@@ -123,12 +123,19 @@ class Handle(int):
 # ---- one helper process --------------------------------------------------------------
 
 
-class _Slot:
-    __slots__ = ("index", "addr", "base", "payload", "mem", "limit", "cb_off")
+# A call slot (index, addr, base, payload, mem, limit, cb_off): a C type, so that the
+# fast path (IsolatedFunction's C base) reads its address directly.
+_Slot = _isolate.Slot
 
 
-class _Helper:
-    """One helper process, its control region and call slots."""
+class _Helper(_isolate.HelperBase):
+    """One helper process, its control region and call slots.  dead, retired, waiters,
+    pid and free live in the C base, where the fast path reads them."""
+
+    # Slots, not a __dict__: on 3.11 attribute access to a dict of a subclass of a C
+    # type is not specialized (4x slower than a slot), and the call path reads these.
+    __slots__ = ("generation", "name", "nslots", "slot_size", "ctl_size", "fids", "lock", "cond",
+                 "returncode", "ctl", "mem", "slots", "popen", "sock", "__dict__", "__weakref__")
 
     def __init__(self, lib):
         self.generation = next(_generations)
@@ -495,12 +502,21 @@ def _close_helper(box):
 
 class _Plan:
     __slots__ = ("key", "specs", "argst", "fast", "encoders", "res", "resst", "restype",
-                 "fixed", "callbacks")
+                 "fixed", "callbacks", "fastdesc")
 
 
-class IsolatedFunction:
+class IsolatedFunction(_isolate.FunctionBase):
     """A function of an IsolatedCDLL: set argtypes, restype, errcheck, timeout as on a
-    ctypes function; calling it runs it in the helper."""
+    ctypes function; calling it runs it in the helper.
+
+    Calling goes to the C base first (ffiguard._isolate.FunctionBase): once a call with
+    numbers only (see _fast_desc) went through _call, the C base makes the next such
+    calls itself, and hands everything else (other argument types, a dead or retired
+    helper, no free slot, any failure) to _call and _fast_fail."""
+
+    # Slots for what the Python path reads (see _Helper); __dict__ for anything else.
+    __slots__ = ("_lib", "__name__", "_address", "_argtypes", "_restype", "_plans", "_plan",
+                 "_bound", "__dict__", "__weakref__")
 
     def __init__(self, lib, name, address):
         self._lib = lib
@@ -512,6 +528,7 @@ class IsolatedFunction:
         self.timeout = None  # None: the library's
         self._plans = {}
         self._plan = None
+        self._bound = None
 
     @property
     def _as_parameter_(self):
@@ -535,6 +552,8 @@ class IsolatedFunction:
         self._argtypes = value
         self._plans = {}
         self._plan = None
+        self._bound = None
+        self._unbind_fast()
 
     @property
     def restype(self):
@@ -550,6 +569,8 @@ class IsolatedFunction:
         self._restype = value
         self._plans = {}
         self._plan = None
+        self._bound = None
+        self._unbind_fast()
 
     def __repr__(self):
         return "<ffiguard.isolate.IsolatedFunction %s of %r>" % (self.__name__, self._lib._name)
@@ -581,6 +602,7 @@ class IsolatedFunction:
         plan.res = W.spec_of(self._restype, "result type")
         r = plan.res
         plan.resst = struct.Struct("@" + r[1]) if r and r[0] == "s" and r[1] in W.SCALAR_CODES else None
+        plan.fastdesc = W.fast_desc(specs, r, inferred=self._argtypes is None)
         self._plans[key] = plan
         if self._argtypes is not None and len(args) == len(argtypes):
             self._plan = plan
@@ -588,7 +610,9 @@ class IsolatedFunction:
 
     # ---- the call ----------------------------------------------------------------------
 
-    def __call__(self, *args):
+    def _call(self, *args):
+        """The Python path (FunctionBase's tp_call comes here for anything but a plain
+        success of the fast path)."""
         plan = self._plan
         if plan is None or len(args) != len(plan.specs):
             plan = self._compile(args)
@@ -599,6 +623,12 @@ class IsolatedFunction:
         fid = helper.fids.get(plan.key)
         if fid is None:
             fid = self._register(helper, plan)
+        if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
+                self._plan is plan or self._argtypes is None):
+            # Number-only: from now on the C base makes such calls itself.  (Without
+            # argtypes it binds the first arity seen; others keep taking this path.)
+            self._bind_fast(helper, fid, plan.fastdesc, float(lib._timeout or 0))
+            self._bound = helper
         timeout = self.timeout if self.timeout is not None else lib._timeout
         deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
         slot = helper.acquire()
@@ -652,6 +682,31 @@ class IsolatedFunction:
         if self.errcheck is not None:
             return self.errcheck(result, self, args)
         return result
+
+    def _fast_fail(self, helper, slot, st, args, req_len):
+        """The fast path's call did not simply succeed (state st; None: interrupted
+        while waiting): raise what _call would have raised, and release the slot."""
+        timeout = self.timeout if self.timeout is not None else self._lib._timeout
+        try:
+            if st is None:  # Ctrl-C: the call is lost (the C side re-raises it)
+                helper.kill()
+                return None
+            if st == W.CB_REQ:
+                k = W.U32.unpack_from(slot.mem, slot.base + W.OFF_OP)[0]
+                raise _lost(helper, -3, self.__name__, None,
+                            "(callback request for argument %d)" % k)
+            if st != W.REPLY:
+                raise _lost(helper, st, self.__name__, timeout)
+            mem = slot.mem
+            status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
+            if rep_len > slot.limit:
+                raise _lost(helper, -3, self.__name__, timeout, "(reply length out of bounds)")
+            if status == W.OK:
+                return None  # the C side failed after a good reply; it raises its error
+            raise self._failure(helper, status, mem, slot.base + W.SLOT_HEAD + W.align(req_len),
+                                rep_len)
+        finally:
+            helper.release(slot)
 
     def _register(self, helper, plan):
         fid, _ = helper.admin(W.ADMIN_REGISTER, (self.__name__, plan.specs, plan.res), self.__name__)
@@ -945,3 +1000,6 @@ def _decode_result(plan, mem, off, n, helper):
     h = Handle(address)
     h.generation = helper.generation
     return h
+
+
+_isolate.set_hooks(IsolatedFunction._call, IsolatedFunction._fast_fail)
