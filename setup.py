@@ -3,6 +3,7 @@
 The per-architecture thunk is assembly (.S, run through the C preprocessor by the C
 compiler); setuptools does not know that suffix, so build_ext is taught it.
 """
+import os
 import platform
 import sys
 
@@ -31,6 +32,13 @@ else:
 
 WARN = ["-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
+# tools/sanitize sets FFIGUARD_SANITIZE=address,undefined: our own C (the core and the
+# isolate transport) is built with those sanitizers; the crasher library is not, so
+# its deliberate faults stay where the tests expect them.
+SANITIZE = os.environ.get("FFIGUARD_SANITIZE", "")
+OURS = ["-fsanitize=" + SANITIZE, "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+OURS_LINK = ["-fsanitize=" + SANITIZE] if SANITIZE else []
+
 
 class BuildExt(build_ext):
     def build_extensions(self):
@@ -44,16 +52,17 @@ setup(
             "ffiguard._core",
             sources=core_sources,
             define_macros=core_macros,
-            extra_compile_args=WARN + ["-fno-strict-aliasing"],
+            extra_compile_args=WARN + ["-fno-strict-aliasing"] + OURS,
             libraries=["dl"],
             # Bind every symbol at load time: no lazy binding inside the signal handler.
-            extra_link_args=["-Wl,-z,now"],
+            extra_link_args=["-Wl,-z,now"] + OURS_LINK,
         ),
         # isolate mode's transport: futex wait, bounded spinning, fixed-address mappings.
         Extension(
             "ffiguard._isolate",
             sources=["src/ffiguard/_isolate/transport.c"],
-            extra_compile_args=WARN + ["-O2"],
+            extra_compile_args=WARN + ["-O2"] + OURS,
+            extra_link_args=OURS_LINK,
         ),
         # Deliberate faults of every kind, for `python -m ffiguard demo` and the tests.
         # -g so reports can name source lines; -O1 keeps each crash where the source says.
