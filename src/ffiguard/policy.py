@@ -86,8 +86,10 @@ def after_fault(exc, record, policy):
     """Called by faults.from_record for every fault: queue it for the suspect count, then
     apply the policy. Cheap for "raise"."""
     raw = record[9]
-    _pending[raw] = _pending.get(raw, 0) + 1
-    if len(_pending) > _PENDING_MAX:
+    with _lock:  # faults on several threads at once: no count lost or doubled
+        _pending[raw] = _pending.get(raw, 0) + 1
+        full = len(_pending) > _PENDING_MAX
+    if full:
         _classify_pending()
     mode = policy.on_fault if policy is not None else None
     if mode is None:
@@ -207,7 +209,7 @@ def _classify_pending():
 
     with _lock:
         batch = []
-        while _pending:  # popitem: safe against appends from other threads meanwhile
+        while _pending:
             batch.append(_pending.popitem())
     n = 0
     for raw, count in batch:
