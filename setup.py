@@ -52,15 +52,26 @@ setup(
             "ffiguard._core",
             sources=core_sources,
             define_macros=core_macros,
+            # Headers: rebuilt when they change, and shipped in an sdist.
+            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/arch/x86_64.h",
+                     "src/ffiguard/_core/arch/none.h"],
             extra_compile_args=WARN + ["-fno-strict-aliasing"] + OURS,
             libraries=["dl"],
             # Bind every symbol at load time: no lazy binding inside the signal handler.
             extra_link_args=["-Wl,-z,now"] + OURS_LINK,
         ),
-        # isolate mode's transport: futex wait, bounded spinning, fixed-address mappings.
+        # isolate mode's C: the shared-memory transport (futex wait, bounded spinning,
+        # fixed-address mappings) and the fast path for number-only calls, both sides.
         Extension(
             "ffiguard._isolate",
-            sources=["src/ffiguard/_isolate/transport.c"],
+            sources=[
+                "src/ffiguard/_isolate/module.c",
+                "src/ffiguard/_isolate/transport.c",
+                "src/ffiguard/_isolate/fast_wire.c",
+                "src/ffiguard/_isolate/host_fast.c",
+                "src/ffiguard/_isolate/helper_loop.c",
+            ],
+            depends=["src/ffiguard/_isolate/isolate.h"],
             extra_compile_args=WARN + ["-O2"] + OURS,
             extra_link_args=OURS_LINK,
         ),
