@@ -20,6 +20,11 @@ the process as suspect: save what matters, and prefer restarting it (or isolatin
 library) over carrying on for long."""
 
 
+# Positions in the raw fault record made by _core (fault_as_tuple in _core/module.c).
+REC_SIGNAL, REC_CODE, REC_ADDRESS, REC_PC, REC_SP, REC_ACCESS, REC_STACK_OVERFLOW, \
+    REC_FRAMES, REC_REGISTERS, REC_WHERE = range(10)
+
+
 def _field(name, compute):
     """A ForeignFault attribute: set explicitly, or derived from the raw fault record on
     first access (the fault path stays cheap when nobody reads it)."""
@@ -83,26 +88,27 @@ class ForeignFault(Exception):
         exc._call = call
         return exc
 
-    signal = _field("signal", lambda self: _signal.Signals(self._raw[0]))
-    code = _field("code", lambda self: self._raw[1])
-    code_name = _field("code_name", lambda self: code_name(self._raw[0], self._raw[1])[0])
-    address = _field("address", lambda self: self._raw[2])
-    pc = _field("pc", lambda self: self._raw[3])
-    sp = _field("sp", lambda self: self._raw[4])
-    access = _field("access", lambda self: self._raw[6])
+    signal = _field("signal", lambda self: _signal.Signals(self._raw[REC_SIGNAL]))
+    code = _field("code", lambda self: self._raw[REC_CODE])
+    code_name = _field("code_name", lambda self: code_name(self._raw[REC_SIGNAL],
+                                                           self._raw[REC_CODE])[0])
+    address = _field("address", lambda self: self._raw[REC_ADDRESS])
+    pc = _field("pc", lambda self: self._raw[REC_PC])
+    sp = _field("sp", lambda self: self._raw[REC_SP])
+    access = _field("access", lambda self: self._raw[REC_ACCESS])
     function = _field("function", lambda self: None)
     library = _field("library", lambda self: self._where()[0])
     symbol = _field("symbol", lambda self: self._where()[1])
-    frames = _field("frames", lambda self: list(array.array("Q", self._raw[9])))
+    frames = _field("frames", lambda self: list(array.array("Q", self._raw[REC_FRAMES])))
     registers = _field("registers", lambda self: dict(
-        zip(_core.REGISTER_NAMES, array.array("Q", self._raw[10]))))
+        zip(_core.REGISTER_NAMES, array.array("Q", self._raw[REC_REGISTERS]))))
     message = _field("message", lambda self: _message(self))
 
     def _where(self):
         """(library, symbol, text) for pc: from the record (looked up at the fault, while
         the library was surely loaded) or, for an exception made by hand, now."""
         if self._raw is not None:
-            return describe_pc(self._raw[3], self._raw[11])
+            return describe_pc(self._raw[REC_PC], self._raw[REC_WHERE])
         return describe_pc(self.pc) if self.pc is not None else (None, None, "an unknown address")
 
     def report(self, color=False):
@@ -302,12 +308,13 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
     _core on the fault path, so everything but the class is worked out lazily. `args`
     are the Python arguments of the call (keyword values last, named by `kwnames`);
     `policy` is the library's _core.Policy or None."""
-    signum = record[0]
-    if signum == _signal.SIGSEGV and record[7]:
+    signum = record[REC_SIGNAL]
+    if signum == _signal.SIGSEGV and record[REC_STACK_OVERFLOW]:
         cls = ForeignStackOverflow
     else:
         cls = _CLASSES.get(signum, ForeignFault)
-    return _after_fault(cls._from_record(record, function, (args, kwnames)), record, policy)
+    return _after_fault(cls._from_record(record, function, (args, kwnames)),
+                        record[REC_FRAMES], policy)
 
 
 from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)

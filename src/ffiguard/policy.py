@@ -82,10 +82,9 @@ def mode_for(policy):
     return _default if mode is None else mode
 
 
-def after_fault(exc, record, policy):
-    """Called by faults.from_record for every fault: queue it for the suspect count, then
-    apply the policy. Cheap for "raise"."""
-    raw = record[9]
+def after_fault(exc, raw, policy):
+    """Called by faults.from_record for every fault, with its raw backtrace bytes: queue
+    them for the suspect count, then apply the policy. Cheap for "raise"."""
     with _lock:  # faults on several threads at once: no count lost or doubled
         _pending[raw] = _pending.get(raw, 0) + 1
         full = len(_pending) > _PENDING_MAX

@@ -165,9 +165,9 @@ def _frames(exc):
     """Symbolized frames (cached on the exception)."""
     cached = exc._values.get("_symbolized")
     if cached is None:
-        from . import symbolize
+        from . import faults, symbolize
 
-        first = exc._raw[11] if exc._raw is not None else False
+        first = exc._raw[faults.REC_WHERE] if exc._raw is not None else False
         cached = exc._values["_symbolized"] = symbolize.symbolize(exc.frames or [], first=first)
     return cached
 

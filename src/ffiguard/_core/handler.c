@@ -161,12 +161,10 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     r->code = si->si_code;
     r->has_address = si->si_code > 0; /* caused by an instruction: si_addr is meaningful */
     r->address = r->has_address ? (uintptr_t)si->si_addr : 0;
-    r->sender = si->si_code <= 0 ? si->si_pid : 0;
     r->pc = ffg_uc_pc(uc);
     r->sp = ffg_uc_sp(uc);
     /* Only a fault caused by an instruction has a meaningful trap number/error code. */
     r->access = r->has_address && (signo == SIGSEGV || signo == SIGBUS) ? ffg_uc_access(uc) : FFG_ACCESS_UNKNOWN;
-    r->target = f->target;
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
     capture_pcs(t, r);
@@ -201,7 +199,7 @@ static void chain(int signo, siginfo_t *si, ucontext_t *uc)
     else
         last_chained.repeats = 0;
 
-    if (chaining || last_chained.repeats >= STALE_REPEATS || prev.sa_handler == SIG_DFL || !trapped[signo]) {
+    if (chaining || last_chained.repeats >= STALE_REPEATS || prev.sa_handler == SIG_DFL) {
         die(signo, si);
         return;
     }
@@ -298,18 +296,6 @@ int ffg_handlers_refresh(void)
         changed++;
     }
     return changed;
-}
-
-void ffg_handlers_uninstall(void)
-{
-    struct sigaction cur;
-    for (int s = 1; s < NSIGNALS; s++) {
-        if (!trapped[s])
-            continue;
-        trapped[s] = 0;
-        if (sigaction(s, NULL, &cur) == 0 && cur.sa_sigaction == on_signal)
-            sigaction(s, &previous[s], NULL);
-    }
 }
 
 int ffg_is_trapped(int signo) { return signo > 0 && signo < NSIGNALS && trapped[signo]; }

@@ -158,8 +158,9 @@ static struct ffg_thread *thread_state(void)
 static PyObject *describe(uintptr_t pc);
 
 /* The fault record as a tuple, cheap to make (the fault path is measured): (signal,
- * code, address or None, pc, sp, target, access or None, stack_overflow, sender,
- * frames as native uint64 bytes, registers as native uint64 bytes, describe(pc)).
+ * code, address or None, pc, sp, access or None, stack_overflow, frames as native
+ * uint64 bytes, registers as native uint64 bytes, describe(pc)); faults.py names
+ * these positions (REC_*), the only place that reads them.
  * ffiguard.faults turns it into the exception and decodes the rest only when asked.
  * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
 static PyObject *fault_as_tuple(const struct ffg_fault *r)
@@ -172,10 +173,10 @@ static PyObject *fault_as_tuple(const struct ffg_fault *r)
         Py_DECREF(address);
         return NULL;
     }
-    return Py_BuildValue("(iiNKKKzOiy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
-                         (unsigned long long)r->sp, (unsigned long long)r->target,
+    return Py_BuildValue("(iiNKKzOy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
+                         (unsigned long long)r->sp,
                          access_names[r->access], r->stack_overflow ? Py_True : Py_False,
-                         (int)r->sender, (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
+                         (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
                          (const char *)r->regs, (Py_ssize_t)sizeof r->regs, where);
 }
 
@@ -460,13 +461,6 @@ static PyObject *m_refresh(PyObject *mod, PyObject *unused)
     return PyLong_FromLong(ffg_handlers_refresh());
 }
 
-static PyObject *m_uninstall(PyObject *mod, PyObject *unused)
-{
-    (void)mod, (void)unused;
-    ffg_handlers_uninstall();
-    Py_RETURN_NONE;
-}
-
 static PyObject *m_is_trapped(PyObject *mod, PyObject *arg)
 {
     (void)mod;
@@ -553,7 +547,6 @@ static PyMethodDef methods[] = {
     {"stub_target", m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
     {"install", m_install, METH_O, "install(signals): trap these signals"},
     {"refresh", m_refresh, METH_NOARGS, "put our handlers back on top; returns how many moved"},
-    {"uninstall", m_uninstall, METH_NOARGS, "restore the previous handlers"},
     {"is_trapped", m_is_trapped, METH_O, "is_trapped(signum) -> bool"},
     {"recovered", m_recovered, METH_O, "recovered(signum or 0) -> faults recovered"},
     {"previous_snapshot", m_previous_snapshot, METH_NOARGS, "the chained handlers, as bytes"},
@@ -613,9 +606,7 @@ PyMODINIT_FUNC PyInit__core(void)
 #else
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
-        PyModule_AddIntConstant(m, "MAX_FRAMES", FFG_MAX_PCS) < 0 ||
-        PyModule_AddObject(m, "REGISTER_NAMES", register_tuple()) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_NESTING", FFG_MAX_FRAMES) < 0) {
+        PyModule_AddObject(m, "REGISTER_NAMES", register_tuple()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

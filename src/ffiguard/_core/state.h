@@ -40,11 +40,9 @@ struct ffg_fault {
     int has_address;
     int access;
     int stack_overflow;
-    pid_t sender; /* si_pid for signals sent by a process (abort's raise), else 0 */
     uintptr_t address;
     uintptr_t pc;
     uintptr_t sp;
-    uintptr_t target;
     uint64_t regs[FFG_NREGS];
     int npcs;
     uintptr_t pcs[FFG_MAX_PCS];
@@ -75,7 +73,6 @@ int ffg_state_init(void);
 /* handler.c */
 int ffg_handlers_install(const int *signals, int n); /* -1 + errno on failure */
 int ffg_handlers_refresh(void);
-void ffg_handlers_uninstall(void);
 int ffg_is_trapped(int signo);
 uint64_t ffg_recovered_count(int signo); /* signo 0: all */
 size_t ffg_prev_snapshot(void *buf, size_t size);
