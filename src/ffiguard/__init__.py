@@ -59,7 +59,7 @@ def stats():
     to distrust the process's state (see ForeignFault). "suspect" counts the faults
     inside the C library's allocator or stdio (see ffiguard.policy): after one of those,
     the whole process is suspect, not just the faulting library."""
-    by_signal = {s.name: _core.recovered(int(s)) for s in _signals.TRAPPED}
+    by_signal = {s.name: _core.recovered(int(s)) for s in _signals.ALL}
     return {"recovered": _core.recovered(0), "by_signal": by_signal,
             "suspect": _policy.suspect_count()}
 

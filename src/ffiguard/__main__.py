@@ -102,7 +102,10 @@ def doctor_lines() -> List[str]:
         add("guard:           %s" % ("supported (%s)" % _core.ARCH if _core.SUPPORTED
                                      else "UNSUPPORTED on %s" % _core.ARCH))
         add("signals trapped:")
-        for s in signals.TRAPPED:
+        for s in signals.ALL:
+            if s not in signals.TRAPPED:
+                add("  %-8s not trapped (deselected: ffiguard.signals.select())" % s.name)
+                continue
             ours = _core.is_trapped(int(s))
             add("  %-8s %s" % (s.name, "ffiguard's handler is installed" if ours
                                else "NOT ours now (another handler replaced it; "

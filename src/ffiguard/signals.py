@@ -15,13 +15,58 @@ import signal
 
 from . import _core
 
-TRAPPED = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
+ALL = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
+TRAPPED = ALL  # what is trapped now: see select()
 
 _before_faulthandler = None  # our chained handlers from before faulthandler.enable()
 
 
 def install():
     _core.install([int(s) for s in TRAPPED])
+
+
+def parse(spec):
+    """Signals from a comma-separated spec: "SEGV,BUS", "SIGSEGV", "11", "all", "none"."""
+    spec = spec.strip()
+    if spec.lower() in ("", "none"):
+        return ()
+    if spec.lower() == "all":
+        return tuple(sorted(ALL))
+    chosen = []
+    for word in spec.split(","):
+        word = word.strip().upper()
+        try:
+            sig = signal.Signals(int(word)) if word.isdigit() else signal.Signals[
+                word if word.startswith("SIG") else "SIG" + word]
+        except (KeyError, ValueError):
+            sig = None
+        if sig not in ALL:
+            raise ValueError("ffiguard traps %s; not %r" % (
+                ", ".join(s.name for s in ALL), word))
+        if sig not in chosen:
+            chosen.append(sig)
+    return tuple(sorted(chosen))
+
+
+def select(signals):
+    """Trap exactly these signals (signal numbers, Signals, or a spec for parse()).
+
+    A signal no longer trapped gets back the handler installed before ffiguard's (or
+    its default action): a fault of that kind in a guarded call then kills the process
+    as it would without ffiguard."""
+    global TRAPPED
+    chosen = parse(signals) if isinstance(signals, str) else tuple(
+        sorted(signal.Signals(s) for s in set(signals)))
+    for s in chosen:
+        if s not in ALL:
+            raise ValueError("ffiguard traps %s; not %s" % (
+                ", ".join(x.name for x in ALL), s.name))
+    for s in ALL:
+        if s not in chosen:
+            _core.untrap(int(s))
+    _core.install([int(s) for s in chosen])
+    TRAPPED = chosen
+    return chosen
 
 
 def refresh():

@@ -237,7 +237,9 @@ static void on_signal(int signo, siginfo_t *si, void *context)
     if (t && t->unwinding)
         siglongjmp(t->unwind_escape, 1); /* our own unwinder faulted: see capture_pcs */
 
-    struct ffg_frame *f = chaining ? NULL : guarded_frame(t, si, uc);
+    /* An untrapped signal still reaches us while another handler installed on top of
+     * ours chains to us: pass it on. */
+    struct ffg_frame *f = (chaining || !trapped[signo]) ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
@@ -278,6 +280,24 @@ int ffg_handlers_install(const int *signals, int n)
             previous[s] = old;
         trapped[s] = 1;
     }
+    return 0;
+}
+
+/* Stop trapping a signal: put back what was installed before us if ours is on top;
+ * if another handler has replaced ours since, it keeps chaining to us and we pass the
+ * signal on. */
+int ffg_handlers_untrap(int s)
+{
+    struct sigaction cur;
+    if (s <= 0 || s >= NSIGNALS) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (!trapped[s])
+        return 0;
+    trapped[s] = 0;
+    if (sigaction(s, NULL, &cur) == 0 && cur.sa_sigaction == on_signal)
+        return sigaction(s, &previous[s], NULL);
     return 0;
 }
 

@@ -455,6 +455,17 @@ static PyObject *m_install(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_untrap(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    long s = PyLong_AsLong(arg);
+    if (s == -1 && PyErr_Occurred())
+        return NULL;
+    if (ffg_handlers_untrap((int)s) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_refresh(PyObject *mod, PyObject *unused)
 {
     (void)mod, (void)unused;
@@ -546,6 +557,7 @@ static PyMethodDef methods[] = {
     {"stub", m_stub, METH_O, "stub(target) -> address of a new guard stub calling target"},
     {"stub_target", m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
     {"install", m_install, METH_O, "install(signals): trap these signals"},
+    {"untrap", m_untrap, METH_O, "untrap(signal): stop trapping it, put back what was there before"},
     {"refresh", m_refresh, METH_NOARGS, "put our handlers back on top; returns how many moved"},
     {"is_trapped", m_is_trapped, METH_O, "is_trapped(signum) -> bool"},
     {"recovered", m_recovered, METH_O, "recovered(signum or 0) -> faults recovered"},

@@ -72,6 +72,7 @@ int ffg_state_init(void);
 
 /* handler.c */
 int ffg_handlers_install(const int *signals, int n); /* -1 + errno on failure */
+int ffg_handlers_untrap(int signo);               /* -1 + errno on failure */
 int ffg_handlers_refresh(void);
 int ffg_is_trapped(int signo);
 uint64_t ffg_recovered_count(int signo); /* signo 0: all */
