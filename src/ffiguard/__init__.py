@@ -12,8 +12,10 @@ and the program goes on.
     except ffiguard.ForeignFault as e:
         print(e)
 """
+import ctypes as _ctypes
 import importlib.util as _importlib_util
 import signal as _signal
+import sys as _sys
 
 from . import _core
 from . import signals as _signals  # installs the handlers
@@ -22,7 +24,9 @@ from .faults import (
     ArithmeticFault, BusError, ForeignAbort, ForeignFault, ForeignStackOverflow,
     IllegalInstruction, LibraryQuarantined, SegmentationFault, UnsupportedPlatform,
 )
-from .for_ctypes import CDLL, cdll, guard
+from . import for_ctypes as _for_ctypes
+from .for_ctypes import CDLL, cdll
+from .everything import install, installed, uninstall
 from .policy import get_default_policy, release, set_default_policy
 from . import policy as _policy
 from . import report as _report
@@ -31,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CDLL", "cdll", "guard", "GuardedFunction", "stats", "crashers_path",
+    "install", "uninstall", "installed",
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
     "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
     "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",
@@ -49,6 +54,33 @@ def __getattr__(name):
         from . import isolate
         return getattr(isolate, name)
     raise AttributeError("module 'ffiguard' has no attribute %r" % name)
+
+
+def guard(obj, *args, **kwargs):
+    """Guard foreign calls: a fault inside one raises ffiguard.ForeignFault.
+
+    * ``guard(func, name=None, policy=None)``: a ctypes function object (from a CDLL, or
+      a CFUNCTYPE prototype) -> a GuardedFunction (the original keeps working, unguarded).
+    * ``guard(lib, on_fault=None)`` / ``guard(ffi, lib, on_fault=None)``: a cffi library
+      (``ffi.dlopen(...)``, or a compiled module's ``lib``) -> a guarded library with the
+      same functions, constants and variables (see ffiguard.for_cffi.GuardedLibrary).
+    * ``guard(fp, name=None, on_fault=None)``: a cffi function pointer cdata.
+
+    Guarding something already guarded returns it unchanged.
+    """
+    if isinstance(obj, (_ctypes._CFuncPtr, GuardedFunction)):
+        return _for_ctypes.guard(obj, *args, **kwargs)
+    if "_cffi_backend" in _sys.modules:  # a cffi object is possible only once cffi is loaded
+        from . import for_cffi
+        if for_cffi.is_cffi_object(obj):
+            return for_cffi.guard(obj, *args, **kwargs)
+    if isinstance(obj, _ctypes.CDLL):
+        hint = "; for a whole ctypes library use ffiguard.CDLL(path)"
+    else:
+        hint = ""
+    raise TypeError("guard() takes a ctypes function object, a cffi library (guard(lib) or "
+                    "guard(ffi, lib)) or a cffi function pointer, not %s%s"
+                    % (type(obj).__name__, hint))
 
 
 def stats():

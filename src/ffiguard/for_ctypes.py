@@ -27,6 +27,14 @@ def _check_supported():
             "would run unprotected, so ffiguard refuses them" % (platform.machine(), sys.platform))
 
 
+def _stub_for(target):
+    """The guard stub for `target` (made once per target, shared by ctypes and cffi)."""
+    stub = _stubs.get(target)
+    if stub is None:
+        stub = _stubs.setdefault(target, _core.stub(target))
+    return stub
+
+
 def _retarget(func):
     """Point a ctypes function object at the guard stub for its target; return the target."""
     cell = ctypes.c_void_p.from_address(ctypes.addressof(func))
@@ -36,10 +44,7 @@ def _retarget(func):
     target = _core.stub_target(address)
     if target is None:  # not yet pointing at a stub
         target = address
-        stub = _stubs.get(target)
-        if stub is None:
-            stub = _stubs[target] = _core.stub(target)
-        cell.value = stub
+        cell.value = _stub_for(target)
     return target
 
 

@@ -1,0 +1,250 @@
+"""Guard everything: ffiguard.install() / uninstall() / installed().
+
+While installed, every library loaded through ctypes or cffi is guarded:
+
+* ``ctypes.CDLL`` is replaced by a guarding subclass of ffiguard.CDLL (so of the
+  original ``ctypes.CDLL``): ``ctypes.CDLL(...)``, ``from ctypes import CDLL`` done
+  after install, ``ctypes.LibraryLoader(ctypes.CDLL)`` and classes derived from
+  ``ctypes.CDLL`` after install all load guarded libraries. ``isinstance(x,
+  ctypes.CDLL)`` and ``issubclass(X, ctypes.CDLL)`` answer as for the original class,
+  so libraries loaded before install (and PyDLL) still count as CDLLs.
+* ``ctypes.cdll`` (the LibraryLoader object itself, so references taken before install
+  too) loads through the guarding class: ``ctypes.cdll.LoadLibrary(...)``,
+  ``ctypes.cdll.libfoo``, ``ctypes.cdll["libfoo.so"]``.
+* ``cffi.FFI.dlopen`` returns ``ffiguard.guard(ffi, lib)`` (``ffi.dlclose`` accepts
+  it). cffi is not imported by install(): if the program has
+  not imported it yet, a meta-path hook patches it the moment it is imported.
+
+Not guarded, on purpose: ``ctypes.pythonapi`` and ``ctypes.PyDLL`` (Python's own C API,
+called with the GIL held: a fault there is in the interpreter, and the handler refuses
+to recover while the GIL is held anyway), ``ctypes.CFUNCTYPE`` callbacks (Python code
+called from C), and calls through prototypes applied to raw addresses
+(``CFUNCTYPE(...)(address)``): ``ffiguard.guard()`` those explicitly.
+
+uninstall() puts back exactly what was there (the same objects). Libraries loaded while
+installed stay guarded: they are ffiguard.CDLL instances (or guarded cffi libraries).
+Code that took a reference to the original ``ctypes.CDLL`` before install
+(``from ctypes import CDLL`` at import time) keeps loading unguarded libraries: install
+as early as possible (``python -m ffiguard run``), or use ffiguard.CDLL there.
+"""
+import ctypes
+import sys
+import threading
+
+from .for_ctypes import CDLL as _GuardedCDLL, _check_supported, make_policy
+
+__all__ = ["install", "uninstall", "installed"]
+
+_ORIGINAL_CDLL = ctypes.CDLL
+_ORIGINAL_LOADER_DLLTYPE = ctypes.cdll._dlltype
+_lock = threading.RLock()
+_state = None  # while installed: the _Installation
+
+
+class _Meta(type):
+    """Metaclass of the installed ctypes.CDLL: isinstance/issubclass against it answer
+    as against the original class (a library loaded before install is still a CDLL)."""
+
+    def __instancecheck__(cls, obj):
+        if cls is InstalledCDLL:
+            return isinstance(obj, _ORIGINAL_CDLL)
+        return type.__instancecheck__(cls, obj)
+
+    def __subclasscheck__(cls, sub):
+        if cls is InstalledCDLL:
+            return issubclass(sub, _ORIGINAL_CDLL)
+        return type.__subclasscheck__(cls, sub)
+
+
+class InstalledCDLL(_GuardedCDLL, metaclass=_Meta):
+    """What ctypes.CDLL is while ffiguard.install() is in effect: an ffiguard.CDLL
+    whose on_fault defaults to the one given to install(). Functions of a library
+    whose _func_flags_ say PYTHONAPI (a subclass mimicking PyDLL) are left unguarded."""
+
+    def __init__(self, name, *args, **kwargs):
+        if "on_fault" not in kwargs:
+            state = _state
+            kwargs["on_fault"] = state.on_fault if state is not None else None
+        super().__init__(name, *args, **kwargs)
+
+    def __getitem__(self, name_or_ordinal):
+        if self._func_flags_ & ctypes._FUNCFLAG_PYTHONAPI:
+            return _ORIGINAL_CDLL.__getitem__(self, name_or_ordinal)
+        return super().__getitem__(name_or_ordinal)
+
+
+InstalledCDLL.__name__ = InstalledCDLL.__qualname__ = "CDLL"
+
+
+# ---- cffi ---------------------------------------------------------------------------
+
+
+def _patch_cffi(cffi_api):
+    """Wrap cffi.FFI.dlopen; returns what to put back. (ffi.dlclose works on a guarded
+    library as it is: GuardedLibrary has the __cffi_close__ it calls.)"""
+    from . import for_cffi
+
+    FFI = cffi_api.FFI
+    original = FFI.__dict__["dlopen"]
+
+    def dlopen(self, name, flags=0):
+        lib = original(self, name, flags)
+        state = _state
+        on_fault = state.on_fault if state is not None else None
+        return for_cffi.guard_library(self, lib, on_fault=on_fault)
+
+    dlopen.__doc__ = original.__doc__
+    dlopen.__wrapped__ = original
+    FFI.dlopen = dlopen
+    return FFI, {"dlopen": original}
+
+
+class _PatchingLoader:
+    """cffi.api's own loader, patching the module once it has run; everything else
+    (get_source for tracebacks, get_data, ...) is the original loader's."""
+
+    def __init__(self, loader, hook):
+        self._loader = loader
+        self._hook = hook
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._hook.loaded(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _CffiImportHook:
+    """Patches cffi.api.FFI once the program imports cffi; never imports it itself."""
+
+    def __init__(self, installation):
+        self.installation = installation
+        self.busy = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "cffi.api" or self.busy:
+            return None
+        self.busy = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                if finder is self:
+                    continue
+                find = getattr(finder, "find_spec", None)
+                spec = find(fullname, path, target) if find else None
+                if spec is not None:
+                    break
+        finally:
+            self.busy = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self)
+        return spec
+
+    def loaded(self, module):
+        with _lock:
+            if _state is self.installation and self.installation.cffi is None:
+                self.installation.cffi = _patch_cffi(module)
+
+
+# ---- install / uninstall ------------------------------------------------------------
+
+
+class _Installation:
+    def __init__(self, on_fault):
+        self.on_fault = on_fault
+        self.cffi = None  # (cffi.FFI, {name: original}) once patched
+        self.hook = None
+
+
+class Installed:
+    """What install() returns: a context manager. Leaving the ``with`` block uninstalls
+    if (and only if) this install() call is the one that installed."""
+
+    def __init__(self, installation, owner):
+        self._installation = installation
+        self._owner = owner
+
+    @property
+    def on_fault(self):
+        return self._installation.on_fault
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._owner:
+            with _lock:
+                if _state is self._installation:
+                    uninstall()
+        return False
+
+    def __repr__(self):
+        return "<ffiguard.install(on_fault=%r)%s>" % (
+            self._installation.on_fault, "" if _state is self._installation else " (uninstalled)")
+
+
+def install(on_fault=None):
+    """Guard every library loaded from now on through ctypes.CDLL, ctypes.cdll,
+    ctypes.LibraryLoader(ctypes.CDLL) or cffi.FFI.dlopen.
+
+    on_fault ("raise", "quarantine", "exit", or None for the global default) is the
+    policy of each library loaded while installed (each library gets its own policy).
+    Returns a context manager: ``with ffiguard.install(): ...`` uninstalls at the end.
+    Installing again while installed changes nothing (a ``with`` block around such a
+    call leaves it installed); asking for another on_fault then is a ValueError.
+    """
+    global _state
+    if on_fault is not None:
+        make_policy(None, on_fault)  # validates
+    _check_supported()
+    with _lock:
+        if _state is not None:
+            if on_fault is not None and on_fault != _state.on_fault:
+                raise ValueError("ffiguard is already installed with on_fault=%r; uninstall() "
+                                 "first to install with on_fault=%r" % (_state.on_fault, on_fault))
+            return Installed(_state, owner=False)
+        installation = _Installation(on_fault)
+        ctypes.CDLL = InstalledCDLL
+        ctypes.cdll._dlltype = InstalledCDLL
+        cffi_api = sys.modules.get("cffi.api")
+        if cffi_api is not None and hasattr(cffi_api, "FFI"):
+            installation.cffi = _patch_cffi(cffi_api)
+        else:
+            installation.hook = _CffiImportHook(installation)
+            sys.meta_path.insert(0, installation.hook)
+        _state = installation
+        return Installed(installation, owner=True)
+
+
+def uninstall():
+    """Put back ctypes.CDLL, ctypes.cdll's library type and cffi.FFI.dlopen as
+    they were before install(). Libraries loaded meanwhile stay guarded. Returns True
+    if ffiguard was installed."""
+    global _state
+    with _lock:
+        installation = _state
+        if installation is None:
+            return False
+        ctypes.CDLL = _ORIGINAL_CDLL
+        ctypes.cdll._dlltype = _ORIGINAL_LOADER_DLLTYPE
+        if installation.hook is not None:
+            try:
+                sys.meta_path.remove(installation.hook)
+            except ValueError:
+                pass
+        if installation.cffi is not None:
+            FFI, saved = installation.cffi
+            for name, value in saved.items():
+                setattr(FFI, name, value)
+        _state = None
+        return True
+
+
+def installed():
+    """True while install() is in effect."""
+    return _state is not None

@@ -1,0 +1,215 @@
+"""Guarded cffi: ffiguard.guard(lib), guard(ffi, lib), guard(function_pointer).
+
+A cffi function is guarded by calling it through a guard stub: the function's address
+gets a stub (the same stubs as ctypes', one per target), the stub's address is cast to
+the function's own cffi type, and that cdata is wrapped in a GuardedFunction. cffi keeps
+doing everything it does (argument conversion and its TypeErrors, errno, callbacks,
+structs by value, variadic calls), through libffi, to the stub, which jumps to the
+function under the guard.
+
+* ABI mode (``ffi.dlopen``): ``lib.f`` is already a function-pointer cdata.
+* API mode (a compiled module, ``from _mod import ffi, lib``): ``lib.f`` is a builtin
+  that calls the C function directly, which no stub can sit in front of; the guarded
+  library calls through ``ffi.addressof(lib, "f")`` instead, i.e. through libffi, as
+  ABI mode does (slower than the direct call; still cffi's types and errors).
+
+Only this module imports cffi's backend, and only ffiguard.guard() on a cffi object (or
+install() once the program imports cffi) imports this module.
+"""
+import sys
+
+import _cffi_backend as _backend
+
+from . import _core
+from .for_ctypes import _check_supported, _stub_for, make_policy
+
+__all__ = ["guard_library", "guard_function", "GuardedLibrary", "is_cffi_object"]
+
+_CData = _backend._CDataBase
+_Lib = getattr(_backend, "Lib", None)  # out-of-line modules' lib (API mode, ABI out-of-line)
+_BackendFFI = getattr(_backend, "FFI", None)
+_UINTPTR = _backend.new_primitive_type("uintptr_t")
+_BUILTIN = type(len)
+
+
+def _is_ffi(obj):
+    if _BackendFFI is not None and isinstance(obj, _BackendFFI):
+        return True
+    api = sys.modules.get("cffi.api")
+    return api is not None and isinstance(obj, api.FFI)
+
+
+def _is_inline_library(obj):
+    """A library from cffi.FFI().dlopen() (in-line ABI mode): an FFILibrary instance."""
+    cls = type(obj)
+    return cls.__name__.startswith("FFILibrary") and "__cffi_close__" in cls.__dict__
+
+
+def is_library(obj):
+    return (_Lib is not None and isinstance(obj, _Lib)) or _is_inline_library(obj)
+
+
+def is_function_pointer(obj):
+    return isinstance(obj, _CData) and _backend.typeof(obj).kind == "function"
+
+
+def is_cffi_object(obj):
+    return (isinstance(obj, (_CData, GuardedLibrary)) or is_library(obj) or _is_ffi(obj))
+
+
+def _symbol_name(address):
+    where = _core.dladdr(address)
+    if where and where[2] and where[3] == address:
+        return where[2]
+    return None
+
+
+def guard_function(fp, name=None, policy=None):
+    """A GuardedFunction calling the cffi function pointer `fp` (a cdata of a function
+    type) through a guard stub. `name` is used in reports (default: the symbol at the
+    address, if it is exactly one)."""
+    if isinstance(fp, _core.GuardedFunction):
+        return fp
+    if not is_function_pointer(fp):
+        raise TypeError("guard() takes a cffi function pointer (a cdata of a function type), "
+                        "not %r" % (fp,))
+    _check_supported()
+    address = int(_backend.cast(_UINTPTR, fp))
+    if not address:
+        raise ValueError("cannot guard a NULL function pointer")
+    target = _core.stub_target(address)
+    if target is None:  # not a stub yet
+        target = address
+        stubbed = _backend.cast(_backend.typeof(fp), _stub_for(target))
+    else:
+        stubbed = fp
+    if name is None:
+        name = _symbol_name(target)
+    return _core.GuardedFunction(stubbed, name, policy, target)
+
+
+def _find_ffi(lib):
+    """The ffi of an API-mode lib, from its module (``_mod.lib`` -> ``_mod.ffi``)."""
+    module = sys.modules.get(getattr(lib, "__name__", "").rpartition(".")[0])
+    ffi = getattr(module, "ffi", None)
+    return ffi if ffi is not None and _is_ffi(ffi) else None
+
+
+def _library_name(lib):
+    if _is_inline_library(lib):
+        name = type(lib).__name__
+        return name[len("FFILibrary_"):] if name.startswith("FFILibrary_") else None
+    return getattr(lib, "__name__", None)
+
+
+class GuardedLibrary:
+    """A cffi library whose functions are guarded: a fault inside one raises
+    ffiguard.ForeignFault instead of killing the process.
+
+    Functions are looked up in the library, guarded once and cached; everything else
+    (integer constants, enum values, global variables read and written, ``dir()``)
+    is the library's own. ``__wrapped__`` is the library itself (for ffi.dlclose of an
+    out-of-line library: ``ffi.dlclose(lib.__wrapped__)``; ``ffi.dlclose(lib)`` works
+    for ``cffi.FFI().dlopen`` libraries)."""
+
+    def __init__(self, ffi, lib, policy):
+        d = self.__dict__
+        d["__wrapped__"] = lib
+        d["_ffiguard_ffi"] = ffi
+        d["_ffiguard_policy"] = policy
+        # ABI mode: functions are cdata already; API mode: builtins, called by address.
+        d["_ffiguard_inline"] = _is_inline_library(lib)
+
+    def _ffiguard_function(self, name, value):
+        """The function pointer to guard for attribute `name` whose value is `value`, or
+        None when it is not a function (a constant, a variable: even one holding a
+        function pointer, whose value can change)."""
+        d = self.__dict__
+        lib, ffi = d["__wrapped__"], d["_ffiguard_ffi"]
+        if isinstance(value, _BUILTIN):  # API mode
+            if ffi is None:
+                ffi = _find_ffi(lib)
+                if ffi is None:
+                    raise TypeError("guarding %s of a compiled (API-mode) cffi module needs its "
+                                    "ffi: use ffiguard.guard(ffi, lib)" % name)
+            pointer = ffi.addressof(lib, name)
+            return pointer if is_function_pointer(pointer) else None
+        if not is_function_pointer(value):
+            return None
+        if d["_ffiguard_inline"]:
+            # functions are cached in the library's __dict__, variables are properties
+            return value if name not in type(lib).__dict__ else None
+        if ffi is None:
+            ffi = _find_ffi(lib)
+        if ffi is not None:
+            try:
+                pointer = ffi.addressof(lib, name)
+            except Exception:
+                return None
+            return value if is_function_pointer(pointer) else None
+        return value  # out-of-line ABI without its ffi: taken to be a function
+
+    def __getattr__(self, name):
+        lib = self.__dict__["__wrapped__"]
+        value = getattr(lib, name)
+        if name.startswith("__") and name.endswith("__"):
+            return value
+        fp = self._ffiguard_function(name, value)
+        if fp is None:
+            return value
+        guarded = guard_function(fp, name, self.__dict__["_ffiguard_policy"])
+        self.__dict__[name] = guarded
+        return guarded
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["__wrapped__"], name, value)
+
+    def __delattr__(self, name):
+        delattr(self.__dict__["__wrapped__"], name)
+
+    def __dir__(self):
+        return dir(self.__dict__["__wrapped__"])
+
+    def __cffi_close__(self):
+        lib = self.__dict__["__wrapped__"]
+        type(lib).__cffi_close__(lib)
+        for name in [n for n, v in self.__dict__.items() if isinstance(v, _core.GuardedFunction)]:
+            del self.__dict__[name]
+
+    def __repr__(self):
+        return "<ffiguard.GuardedLibrary of %r>" % (self.__dict__["__wrapped__"],)
+
+
+def guard(obj, lib=None, *, on_fault=None, name=None):
+    """ffiguard.guard() for cffi objects: guard(lib), guard(ffi, lib), guard(function)."""
+    if _is_ffi(obj):
+        if lib is None:
+            raise TypeError("guard(ffi, lib): the library is missing")
+        return guard_library(obj, lib, on_fault=on_fault)
+    if lib is not None:
+        raise TypeError("guard(ffi, lib) takes a cffi FFI first, not %s" % type(obj).__name__)
+    if isinstance(obj, GuardedLibrary) or is_library(obj):
+        return guard_library(None, obj, on_fault=on_fault)
+    if is_function_pointer(obj):
+        policy = make_policy(name, on_fault) if on_fault is not None else None
+        return guard_function(obj, name, policy)
+    if isinstance(obj, _CData):
+        raise TypeError("guard() takes a cffi function pointer, not <cdata '%s'>"
+                        % _backend.typeof(obj).cname)
+    raise TypeError("not a cffi object: %s" % type(obj).__name__)
+
+
+def guard_library(ffi, lib, on_fault=None, policy=None):
+    """`lib` (from ffi.dlopen(), or a compiled module's lib) as a GuardedLibrary.
+    on_fault: "raise", "quarantine", "exit", or None (the global default)."""
+    if isinstance(lib, GuardedLibrary):
+        return lib
+    if not is_library(lib):
+        raise TypeError("guard(ffi, lib) takes a cffi library (from ffi.dlopen() or a compiled "
+                        "module's lib), not %s" % type(lib).__name__)
+    if ffi is not None and not _is_ffi(ffi):
+        raise TypeError("guard(ffi, lib): ffi must be a cffi FFI, not %s" % type(ffi).__name__)
+    _check_supported()
+    if policy is None:
+        policy = make_policy(_library_name(lib), on_fault)
+    return GuardedLibrary(ffi, lib, policy)
