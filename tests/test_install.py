@@ -267,3 +267,78 @@ def test_import_ffiguard_does_not_import_cffi(run_python):
         print("cffi" in sys.modules)
     """)
     assert (rc, out) == (0, "False False False\nFalse\n"), (rc, out, err)
+
+
+# ---------------------------------------------------------------- cffi
+
+CFFI_CDEF = "int ffg_read_null(void); int ffg_add(int, int); int ffg_divide(int, int);"
+
+
+def test_cffi_dlopen_is_guarded(installed):
+    cffi = pytest.importorskip("cffi")
+    ffi = cffi.FFI()
+    ffi.cdef(CFFI_CDEF)
+    lib = ffi.dlopen(CRASHERS_PATH)
+    assert type(lib).__name__ == "GuardedLibrary"
+    assert isinstance(lib.ffg_add, ffiguard.GuardedFunction)
+    assert lib.ffg_add(2, 2) == 4
+    with pytest.raises(ffiguard.SegmentationFault) as info:
+        lib.ffg_read_null()
+    assert (info.value.function, info.value.address) == ("ffg_read_null", 0)
+    ffi.dlclose(lib)
+
+
+def test_cffi_dlopen_restored_exactly():
+    cffi = pytest.importorskip("cffi")
+    original = cffi.FFI.__dict__["dlopen"]
+    with ffiguard.install(on_fault="quarantine"):
+        assert cffi.FFI.dlopen is not original
+        ffi = cffi.FFI()
+        ffi.cdef(CFFI_CDEF)
+        lib = ffi.dlopen(CRASHERS_PATH)
+        with pytest.raises(ffiguard.ArithmeticFault):
+            lib.ffg_divide(1, 0)
+        with pytest.raises(ffiguard.LibraryQuarantined):
+            lib.ffg_add(1, 2)
+    assert cffi.FFI.__dict__["dlopen"] is original
+    assert_pristine()
+    assert type(ffi.dlopen(CRASHERS_PATH)).__name__.startswith("FFILibrary")
+
+
+def test_cffi_imported_after_install(run_python):
+    pytest.importorskip("cffi")
+    rc, out, err = run_python("""
+        import ffiguard
+        ffiguard.install()
+        assert "cffi" not in sys.modules
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("int ffg_read_null(void); int ffg_add(int, int);")
+        lib = ffi.dlopen(CRASHERS_PATH)
+        print(type(lib).__name__, lib.ffg_add(20, 22))
+        try:
+            lib.ffg_read_null()
+        except ffiguard.SegmentationFault as e:
+            print("caught", e.function, e.address)
+        import cffi.api, linecache
+        print(cffi.api.__spec__.loader.get_source("cffi.api") is not None)
+        ffiguard.uninstall()
+        print(type(ffi.dlopen(CRASHERS_PATH)).__name__.startswith("FFILibrary"),
+              [type(f).__name__ for f in sys.meta_path if "Cffi" in type(f).__name__])
+    """)
+    assert (rc, out) == (0, "GuardedLibrary 42\ncaught ffg_read_null 0\nTrue\nTrue []\n"), (
+        rc, out, err)
+
+
+def test_cffi_imported_after_uninstall_is_not_patched(run_python):
+    pytest.importorskip("cffi")
+    rc, out, err = run_python("""
+        import ffiguard
+        with ffiguard.install():
+            pass
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("int ffg_add(int, int);")
+        print(type(ffi.dlopen(CRASHERS_PATH)).__name__.startswith("FFILibrary"))
+    """)
+    assert (rc, out) == (0, "True\n"), (rc, out, err)
