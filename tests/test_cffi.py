@@ -581,3 +581,16 @@ def test_api_mode_function_pointer_variable_passes_through(api):
             ffiguard.guard(lib.api_fp)(1, 0)
     finally:
         lib.api_fp = ffi.addressof(api.lib, "api_add")
+
+
+def test_benchmark_cffi_rows():
+    from ffiguard import bench
+
+    result = bench.run(rounds=1, n_calls=10, n_faults=2, isolate=False)
+    rows = {r["name"]: r for r in result["calls"]}
+    assert rows["cffi ffg_noop()"]["goal"] is True
+    assert "cffi ffg_add(1, 2)" in rows
+    assert "cffi API-mode ffg_add(1, 2) (guarded: by address)" in rows
+    assert result["skipped"] == []
+    assert any(g["what"].startswith("cffi ffg_noop()") for g in result["goals"])
+    assert "cffi ffg_noop()" in bench.format_table(result)

@@ -16,7 +16,10 @@ plain; "ratio" is median guarded / median plain.
 The fault row times a guarded call that faults (ffg_read_null) inside
 try/except: signal, recovery, building and raising the exception, catching it.
 
-More rows (cffi, shield, isolate) are added as entries in ``call_cases()``
+The cffi rows (ABI mode, and API mode when a C compiler can build a module at run
+time) are left out, with the reason printed, when cffi is not installed.
+
+More rows (shield, ...) are added as entries in ``call_cases()``
 (a :class:`Case`: name, plain callable, guarded callable, arguments) or in
 ``fault_cases()``; nothing else needs to change.
 """
@@ -79,7 +82,84 @@ def call_cases(path: str) -> List[Case]:
     return [
         Case("ctypes ffg_noop()", plain.ffg_noop, guarded.ffg_noop, (), None, goal=True),
         Case("ctypes ffg_add(1, 2)", plain.ffg_add, guarded.ffg_add, (1, 2), 3),
+    ] + cffi_cases(path)
+
+
+CFFI_CDEF = "void ffg_noop(void); int ffg_add(int a, int b);"
+
+skipped: List[str] = []  # rows left out, with the reason (printed under the table)
+
+
+def cffi_cases(path: str) -> List[Case]:
+    """cffi ABI mode (ffi.dlopen): plain cffi vs ffiguard.guard(ffi, lib). The
+    no-argument row carries the same goals as the ctypes one."""
+    import ffiguard
+
+    try:
+        import cffi
+    except ImportError:
+        skipped.append("cffi rows: cffi is not installed (pip install cffi)")
+        return []
+    ffi = cffi.FFI()
+    ffi.cdef(CFFI_CDEF)
+    plain = ffi.dlopen(path)
+    guarded = ffiguard.guard(ffi, ffi.dlopen(path))
+    cases = [
+        Case("cffi ffg_noop()", plain.ffg_noop, guarded.ffg_noop, (), None, goal=True),
+        Case("cffi ffg_add(1, 2)", plain.ffg_add, guarded.ffg_add, (1, 2), 3),
     ]
+    return cases + cffi_api_cases(ffi, path)
+
+
+def cffi_api_cases(abi_ffi, path: str) -> List[Case]:
+    """cffi API mode: a module compiled now (into a temporary directory) calling the
+    crashers library; the plain column calls its lib.ffg_add directly, the guarded one
+    goes through ffi.addressof (libffi), as ffiguard must. Skipped, with the reason,
+    when nothing can compile it."""
+    import contextlib
+    import importlib
+    import io
+    import shutil
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    import cffi
+
+    import ffiguard
+
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc.split()[0]) is None:
+        skipped.append("cffi API-mode row: no C compiler (%s)" % cc)
+        return []
+    name = "_ffiguard_bench_api"
+    ffi = cffi.FFI()
+    ffi.cdef(CFFI_CDEF)
+    ffi.set_source(name, "void ffg_noop(void); int ffg_add(int a, int b);")
+    directory = tempfile.mkdtemp(prefix="ffiguard-bench-")
+    try:
+        c_file = os.path.join(directory, name + ".c")
+        with contextlib.redirect_stdout(io.StringIO()):  # cffi prints "generating ..."
+            ffi.emit_c_code(c_file)
+        out = os.path.join(directory, name + sysconfig.get_config_var("EXT_SUFFIX"))
+        command = cc.split() + [
+            "-shared", "-fPIC", "-O2", "-I" + sysconfig.get_paths()["include"], c_file, "-o", out,
+            path, "-Wl,-rpath," + os.path.dirname(path)]
+        build = subprocess.run(command, capture_output=True, text=True)
+        if build.returncode != 0:
+            skipped.append("cffi API-mode row: compiling failed: %s"
+                           % (build.stderr.strip().splitlines() or ["?"])[-1])
+            return []
+        sys.path.insert(0, directory)
+        try:
+            module = importlib.import_module(name)
+        finally:
+            sys.path.remove(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # the loaded module stays mapped
+    guarded = ffiguard.guard(module.ffi, module.lib)
+    return [Case("cffi API-mode ffg_add(1, 2) (guarded: by address)", module.lib.ffg_add,
+                 guarded.ffg_add, (1, 2), 3)]
 
 
 def isolate_cases(path: str) -> List[Case]:
@@ -248,6 +328,7 @@ def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
     import ffiguard
 
     path = path or ffiguard.crashers_path()
+    del skipped[:]
     calls = call_cases(path) + (isolate_cases(path) if isolate else [])
     faults = fault_cases(path)
     _check(calls, faults)
@@ -292,6 +373,7 @@ def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
         "calls": rows,
         "faults": fault_rows,
         "goals": goals(rows, fault_rows),
+        "skipped": list(skipped),
         "stats": ffiguard.stats(),
     }
 
@@ -394,7 +476,7 @@ def format_table(result: dict) -> str:
     table += [line(row) for row in rows[1:]]
 
     out = [
-        f"ffiguard {m['ffiguard']}: plain ctypes vs ffiguard.CDLL, {result['rounds']} interleaved "
+        f"ffiguard {m['ffiguard']}: plain ctypes/cffi vs guarded, {result['rounds']} interleaved "
         f"rounds of {result['calls_per_round']} calls ({result['faults_per_round']} faults) "
         f"per variant (isolate rows: 5% of that; 1 MiB rows: 1%); median (min) over rounds; "
         f"loop overhead included, nothing subtracted",
@@ -406,6 +488,8 @@ def format_table(result: dict) -> str:
         out.append("")
         out.append("goals: " + "; ".join(
             f"{g['what']}: {g['value']} {'met' if g['met'] else 'NOT MET'}" for g in result["goals"]))
+    for reason in result.get("skipped", []):
+        out.append(f"skipped: {reason}")
     out.append(f"({result['seconds']:.1f} s; ffiguard.stats() after the run: {result['stats']})")
     return "\n".join(out)
 
