@@ -96,10 +96,13 @@ def _find_ffi(lib):
 
 
 def _library_name(lib):
+    """For messages ("... is quarantined"): the path given to dlopen, or the module."""
     if _is_inline_library(lib):
         name = type(lib).__name__
-        return name[len("FFILibrary_"):] if name.startswith("FFILibrary_") else None
-    return getattr(lib, "__name__", None)
+        if name.startswith("FFILibrary_"):
+            return name[len("FFILibrary_"):]
+        return "cffi library (dlopen(None))"
+    return getattr(lib, "__name__", None) or "cffi library"
 
 
 class GuardedLibrary:
