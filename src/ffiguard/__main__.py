@@ -130,11 +130,60 @@ def _doctor_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- run, env ----------------------------------------------------------------------------
+# `run` parses its own arguments (ffiguard.run.parse): everything after the script or
+# `-m module` belongs to the program, which argparse cannot express. Its entry here is
+# for the command list in --help; main() hands `run ...` over before argparse.
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("argv", nargs=argparse.REMAINDER,
+                        help="[options] script.py [args...] | [options] -m module [args...]")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from ffiguard import run
+
+    return run.main(args.argv)
+
+
+def _env_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--signals", metavar="SPEC",
+                        help="signals to trap (FFIGUARD_SIGNALS), e.g. SEGV,BUS")
+    parser.add_argument("--on-fault", choices=("raise", "quarantine", "exit"),
+                        help="default policy of every guarded library (FFIGUARD_ON_FAULT)")
+
+
+def _env_run(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ffiguard import run
+
+    if args.signals is not None:
+        from ffiguard import signals
+
+        try:
+            signals.parse(args.signals)
+        except ValueError as e:
+            sys.stderr.write("python -m ffiguard env: error: %s\n" % e)
+            return 2
+    env = run.environment(args.signals, args.on_fault)
+    for name in ("FFIGUARD", "FFIGUARD_SIGNALS", "FFIGUARD_ON_FAULT", "PYTHONPATH"):
+        if name in env:
+            print("export %s=%s" % (name, shlex.quote(env[name])))
+    return 0
+
+
 COMMANDS = [
     ("demo", "run every kind of fault through a guarded call and show it caught",
      _demo_arguments, _demo_run),
     ("doctor", "print what this machine supports (for bug reports)",
      _doctor_arguments, _doctor_run),
+    ("run", "run a program (script.py or -m module) with every foreign call guarded",
+     _run_arguments, _run_run),
+    ("env", "print the shell lines that make Python programs started later guard "
+            "every foreign call (eval \"$(python -m ffiguard env)\")",
+     _env_arguments, _env_run),
 ]
 
 
@@ -152,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "run":  # see _run_arguments
+        from ffiguard import run
+
+        return run.main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.command is None:
