@@ -170,3 +170,16 @@ def test_usage_errors(prog):
         assert rc == 2 and "python -m ffiguard run: error:" in err, (args, err)
     rc, out, err = run(["-m", "ffiguard", "run", "--help"], prog)
     assert rc == 0 and out.startswith("usage: python -m ffiguard run [options] script.py")
+
+
+def test_subprocesses_option(prog):
+    (prog / "parent.py").write_text(textwrap.dedent(r'''
+        import os, subprocess, sys
+        child = "import ctypes, sys; print('ffiguard' in sys.modules and sys.modules['ffiguard'].installed())"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout.strip())
+        print(os.environ.get("FFIGUARD_SIGNALS"))
+    '''))
+    assert run(["-m", "ffiguard", "run", "parent.py"], prog)[1] == "False\nNone\n"
+    rc, out, err = run(["-m", "ffiguard", "run", "--subprocesses", "--signals", "SEGV",
+                        "parent.py"], prog)
+    assert (rc, out) == (0, "True\nSEGV\n"), err
