@@ -67,7 +67,7 @@ def _symbol_name(address):
 def guard_function(fp, name=None, policy=None):
     """A GuardedFunction calling the cffi function pointer `fp` (a cdata of a function
     type) through a guard stub. `name` is used in reports (default: the symbol at the
-    address, if it is exactly one)."""
+    address if it is exactly one, else the type and address)."""
     if isinstance(fp, _core.GuardedFunction):
         return fp
     if not is_function_pointer(fp):
@@ -83,8 +83,8 @@ def guard_function(fp, name=None, policy=None):
         stubbed = _backend.cast(_backend.typeof(fp), _stub_for(target))
     else:
         stubbed = fp
-    if name is None:
-        name = _symbol_name(target)
+    if name is None:  # the symbol, else what it is: "<int(*)(int, int) at 0x7f...>"
+        name = _symbol_name(target) or "<%s at %#x>" % (_backend.typeof(fp).cname, target)
     return _core.GuardedFunction(stubbed, name, policy, target)
 
 
