@@ -224,10 +224,13 @@ def ffiguard_null():
 
 
 def test_report_names_the_function(lib):
-    e = catch(lib.ffg_read_at, 0x10, cls=ffiguard.SegmentationFault)
+    e = catch(lib.ffg_write_at, 0x10, 5, cls=ffiguard.SegmentationFault)
     report = e.report()
-    assert "ffg_read_at" in report
-    assert "0x10" in report
+    assert "ffg_write_at(16, 5)" in report  # the call, with the Python arguments
+    assert "writing 0x10 in ffg_write_at" in report
+    e = catch(lib.ffg_read_null, cls=ffiguard.SegmentationFault)
+    assert "during call to ffg_read_null" in e.report()  # the function called ...
+    assert "ffg_read_at" in e.report()  # ... and the one that faulted
     assert e.__traceback__ is not None
 
 
@@ -355,6 +358,7 @@ def test_constants_enums_globals_and_dir(libc, lib, plain, ffi):
 
 
 def test_functions_are_guarded_once_and_cached(lib):
+    assert isinstance(lib, ffiguard.GuardedLibrary)
     f = lib.ffg_add
     assert isinstance(f, ffiguard.GuardedFunction)
     assert lib.ffg_add is f

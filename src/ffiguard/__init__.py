@@ -53,6 +53,9 @@ def __getattr__(name):
     if name in _ISOLATE_NAMES:
         from . import isolate
         return getattr(isolate, name)
+    if name == "GuardedLibrary":  # imports cffi's backend: only when asked for
+        from .for_cffi import GuardedLibrary
+        return GuardedLibrary
     raise AttributeError("module 'ffiguard' has no attribute %r" % name)
 
 
