@@ -57,14 +57,37 @@ def test_ctypes_CDLL_is_guarded(installed):
     assert lib.ffg_add(2, 3) == 5
 
 
-def test_from_ctypes_import_after_install_is_guarded(installed):
+@pytest.fixture
+def uncache():
+    """Names to drop from ctypes.cdll's cache afterwards (it keeps what it loaded)."""
+    names = []
+    yield names
+    for name in names:
+        ctypes.cdll.__dict__.pop(name, None)
+
+
+def test_from_ctypes_import_after_install_is_guarded(installed, uncache):
     from ctypes import CDLL, cdll, LibraryLoader
+    uncache.append(CRASHERS_PATH)
     for lib in (CDLL(CRASHERS_PATH), cdll.LoadLibrary(CRASHERS_PATH), cdll[CRASHERS_PATH],
                 LibraryLoader(CDLL).LoadLibrary(CRASHERS_PATH)):
         setup_signatures(lib)
         with pytest.raises(ffiguard.ForeignAbort):
             lib.ffg_abort()
         assert lib.ffg_add(1, 2) == 3
+
+
+def test_cdll_cache_keeps_what_it_loaded(uncache):
+    assert_pristine()
+    uncache.append(CRASHERS_PATH)
+    before = ctypes.cdll[CRASHERS_PATH]  # cached by ctypes.cdll, unguarded
+    with ffiguard.install():
+        assert ctypes.cdll[CRASHERS_PATH] is before
+        assert not isinstance(before.ffg_noop, ffiguard.GuardedFunction)
+        ctypes.cdll.__dict__.pop(CRASHERS_PATH)
+        during = ctypes.cdll[CRASHERS_PATH]
+        assert isinstance(during.ffg_noop, ffiguard.GuardedFunction)
+    assert ctypes.cdll[CRASHERS_PATH] is during  # still cached, still guarded
 
 
 def test_cdll_attribute_loading_is_guarded(installed):
