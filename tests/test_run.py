@@ -34,8 +34,10 @@ go()
 
 
 def run(args, cwd, timeout=60):
+    env = _clean_env()
+    env.pop("FFIGUARD", None)  # plain python must stay plain (see test_env.py)
     proc = subprocess.run([sys.executable, *args], cwd=str(cwd), capture_output=True,
-                          text=True, timeout=timeout, env=_clean_env(), stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     return proc.returncode, proc.stdout, proc.stderr
 
 
