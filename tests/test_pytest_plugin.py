@@ -57,15 +57,26 @@ def check_reported(result):
 
 
 def test_faulting_tests_fail_with_the_report_and_the_run_goes_on(suite):
-    result = suite.runpytest_subprocess("--ffiguard", "-p", "no:cacheprovider")
-    check_reported(result)
+    suite.makepyfile(test_import=SIGNATURES_SRC + "setup_signatures(ctypes.CDLL(%r)).ffg_read_null()\n"
+                     % CRASHERS_PATH)
+    result = suite.runpytest_subprocess("--ffiguard", "-p", "no:cacheprovider",
+                                        "--continue-on-collection-errors")
+    result.assert_outcomes(passed=2, failed=2, errors=1)
+    assert result.stdout.str().count("ffiguard native report") == 3
+    result.stdout.fnmatch_lines([
+        "FAULTED test_import.py - SIGSEGV (error during collection)",
+        "FAULTED test_native.py::test_segv - SIGSEGV (failed)",
+        "FAULTED test_native.py::test_abort - SIGABRT (failed)",
+        "ffiguard: 1 module faulted in foreign code while collected (SIGSEGV: 1)",
+        "ffiguard: 2 tests faulted in foreign code (SIGABRT: 1, SIGSEGV: 1)"])
     result.stdout.fnmatch_lines(["ffiguard *: every library loaded through ctypes/cffi is "
                                  "guarded (trapping SIGSEGV,SIGBUS,SIGILL,SIGFPE,SIGABRT)"])
 
 
 def test_p_ffiguard_with_xdist(suite):
     pytest.importorskip("xdist")
-    result = suite.runpytest_subprocess("-p", "ffiguard", "-n", "2", "-p", "no:cacheprovider")
+    result = suite.runpytest_subprocess("-p", "ffiguard", "-n", "2", "-p", "no:cacheprovider",
+                                        "test_native.py")
     check_reported(result)
 
 

@@ -23,6 +23,8 @@ Options: --ffiguard-signals SPEC (which signals are trapped: "SEGV,BUS"; default
 --ffiguard-on-fault raise|quarantine|exit (default raise: the next test may call the
 library again; exit ends the worker/session at the fault with status 70).
 """
+import re
+
 import pytest
 
 SECTION = "ffiguard native report"
@@ -55,6 +57,7 @@ class _Session:
         self.ffiguard = ffiguard
         self.owner = owner  # uninstall at the end only what we installed
         self.faulted = {}  # nodeid -> (signal name, outcome), in order
+        self.collection = {}  # nodeid -> signal name: faults while collecting (importing)
 
     def pytest_report_header(self, config):
         from ffiguard import signals
@@ -65,20 +68,25 @@ class _Session:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         outcome = yield
-        if call.excinfo is None:
-            return
-        from ffiguard.run import find_fault
+        fault = _fault_of(call)
+        if fault is not None:
+            report = outcome.get_result()
+            report.sections.append((SECTION, _report_text(fault)))
+            report.user_properties.append((PROPERTY, fault.signal.name))
 
-        fault = find_fault(call.excinfo.value)
-        if fault is None:
-            return
-        report = outcome.get_result()
-        try:
-            text = fault.report()
-        except Exception as e:  # the report is best effort; the failure stands
-            text = "%s: %s\n(the full report failed: %r)" % (type(fault).__name__, fault, e)
-        report.sections.append((SECTION, text))
-        report.user_properties.append((PROPERTY, fault.signal.name))
+    def pytest_exception_interact(self, node, call, report):
+        # the one hook that sees a collection error's exception (a library call faulting
+        # while a test module is imported) before its report is logged or sent by xdist
+        if getattr(report, "when", None) == "collect":
+            fault = _fault_of(call)
+            if fault is not None:
+                report.sections.append((SECTION, _report_text(fault)))
+
+    def pytest_collectreport(self, report):
+        for title, text in report.sections:
+            if title == SECTION:
+                found = re.search(r"\b(SIG[A-Z]+)\b", text)
+                self.collection[report.nodeid] = found.group(1) if found else "?"
 
     def pytest_runtest_logreport(self, report):
         # runs in the controller for its workers' reports too (user_properties travel)
@@ -89,19 +97,44 @@ class _Session:
     def pytest_terminal_summary(self, terminalreporter):
         tr = terminalreporter
         n = len(self.faulted)
-        if not n:
+        if not n and not self.collection:
             tr.write_line("ffiguard: no test faulted in foreign code")
             return
-        by_signal = {}
-        for sig, _ in self.faulted.values():
-            by_signal[sig] = by_signal.get(sig, 0) + 1
         tr.section("ffiguard", sep="=", red=True, bold=True)
+        for nodeid, sig in self.collection.items():
+            tr.write_line("FAULTED %s - %s (error during collection)" % (nodeid, sig))
         for nodeid, (sig, outcome) in self.faulted.items():
             tr.write_line("FAULTED %s - %s (%s)" % (nodeid, sig, outcome))
-        tr.write_line("ffiguard: %d test%s faulted in foreign code (%s)" % (
+        if self.collection:
+            c = len(self.collection)
+            tr.write_line("ffiguard: %d module%s faulted in foreign code while collected (%s)" % (
+                c, "" if c == 1 else "s", _by_signal(self.collection.values())))
+        tr.write_line("ffiguard: %d test%s faulted in foreign code%s" % (
             n, "" if n == 1 else "s",
-            ", ".join("%s: %d" % kv for kv in sorted(by_signal.items()))))
+            " (%s)" % _by_signal(sig for sig, _ in self.faulted.values()) if n else ""))
 
     def pytest_unconfigure(self, config):
         if self.owner:
             self.ffiguard.uninstall()
+
+
+def _fault_of(call):
+    if call.excinfo is None:
+        return None
+    from ffiguard.run import find_fault
+
+    return find_fault(call.excinfo.value)
+
+
+def _report_text(fault):
+    try:
+        return fault.report()
+    except Exception as e:  # the report is best effort; the failure stands
+        return "%s: %s\n(the full report failed: %r)" % (type(fault).__name__, fault, e)
+
+
+def _by_signal(names):
+    counts = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join("%s: %d" % kv for kv in sorted(counts.items()))
