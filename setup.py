@@ -13,6 +13,8 @@ from setuptools.command.build_ext import build_ext
 ARCH_FILES = {
     "x86_64": "src/ffiguard/_core/arch/x86_64.S",
     "amd64": "src/ffiguard/_core/arch/x86_64.S",
+    "aarch64": "src/ffiguard/_core/arch/aarch64.S",
+    "arm64": "src/ffiguard/_core/arch/aarch64.S",
 }
 
 machine = platform.machine().lower()
@@ -31,6 +33,12 @@ else:
     core_macros.append(("FFG_NO_ARCH", "1"))
 
 WARN = ["-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
+# AArch64: BTI landing pads and PAC return-address signing in our own C too (hints: NOPs
+# on CPUs without them). The linker marks the extension BTI/PAC only when every object
+# is; the thunk's assembly carries the note, so with this the whole core is marked and
+# a BTI-capable kernel enforces the landing pads (which the tests then exercise).
+ARCH_FLAGS = ["-mbranch-protection=standard"] if machine in ("aarch64", "arm64") else []
 
 # tools/sanitize sets FFIGUARD_SANITIZE=address,undefined: our own C (the core and the
 # isolate transport) is built with those sanitizers; the crasher library is not, so
@@ -54,8 +62,8 @@ setup(
             define_macros=core_macros,
             # Headers: rebuilt when they change, and shipped in an sdist.
             depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/arch/x86_64.h",
-                     "src/ffiguard/_core/arch/none.h"],
-            extra_compile_args=WARN + ["-fno-strict-aliasing"] + OURS,
+                     "src/ffiguard/_core/arch/aarch64.h", "src/ffiguard/_core/arch/none.h"],
+            extra_compile_args=WARN + ["-fno-strict-aliasing"] + ARCH_FLAGS + OURS,
             libraries=["dl"],
             # Bind every symbol at load time: no lazy binding inside the signal handler.
             extra_link_args=["-Wl,-z,now"] + OURS_LINK,
@@ -72,7 +80,7 @@ setup(
                 "src/ffiguard/_isolate/helper_loop.c",
             ],
             depends=["src/ffiguard/_isolate/isolate.h"],
-            extra_compile_args=WARN + ["-O2"] + OURS,
+            extra_compile_args=WARN + ["-O2"] + ARCH_FLAGS + OURS,
             extra_link_args=OURS_LINK,
         ),
         # Deliberate faults of every kind, for `python -m ffiguard demo` and the tests.
@@ -80,7 +88,9 @@ setup(
         Extension(
             "ffiguard._crashers",
             sources=["src/ffiguard/_crashers/crashers.c"],
-            extra_compile_args=WARN + ["-g", "-O1", "-UNDEBUG", "-fno-omit-frame-pointer"],
+            # BTI-marked on AArch64 like the core: guarded calls enter it with BLR x16,
+            # unguarded ones with BR x16, and the landing pads must accept both.
+            extra_compile_args=WARN + ["-g", "-O1", "-UNDEBUG", "-fno-omit-frame-pointer"] + ARCH_FLAGS,
         ),
     ],
     cmdclass={"build_ext": BuildExt},

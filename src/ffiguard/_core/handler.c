@@ -33,6 +33,10 @@
 static struct sigaction previous[NSIGNALS]; /* what was installed before us, kept current */
 static volatile sig_atomic_t trapped[NSIGNALS];
 static uint64_t recovered[NSIGNALS]; /* atomic counters */
+/* Whether the last recorded SIGSEGV/SIGBUS with an address had its access kind in the
+ * saved context: always on x86-64 (page-fault error code); on AArch64 only with an ESR
+ * record, which qemu-user never writes. -1 before the first such fault. */
+static int access_in_context = -1;
 
 /* Chaining bookkeeping, for every thread (also those without guard state). */
 static __thread int chaining __attribute__((tls_model("initial-exec")));
@@ -122,7 +126,7 @@ static _Unwind_Reason_Code unwind_step(struct _Unwind_Context *ctx, void *arg)
  * normal context. A corrupt stack can make the unwinder itself fault: the handler
  * runs with SA_NODEFER, so that fault re-enters it, sees t->unwinding and jumps back
  * here with what was collected so far. */
-static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r)
+static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r, const ucontext_t *uc)
 {
     r->npcs = 0;
     t->unwinding = 1;
@@ -131,11 +135,13 @@ static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r)
     t->unwinding = 0;
     if (r->npcs == 0)
         r->pcs[r->npcs++] = r->pc; /* no unwind info at all for the pc */
-    if (r->npcs == 1 && r->access == FFG_ACCESS_EXEC && r->sp >= t->stack_lo &&
-        r->sp + sizeof(uintptr_t) <= t->stack_hi && !(r->sp & 7)) {
+    if (r->npcs == 1 && r->access == FFG_ACCESS_EXEC) {
         /* A call to a bad address (e.g. through NULL): the unwinder knows nothing of
-         * the pc, but the call just pushed its return address on top of the stack. */
-        r->pcs[r->npcs++] = *(const uintptr_t *)r->sp;
+         * the pc, but the call left its return address where the architecture keeps it
+         * (x86-64: on top of the stack; AArch64: in x30). */
+        uintptr_t ret = ffg_uc_call_return(uc, t->stack_lo, t->stack_hi);
+        if (ret)
+            r->pcs[r->npcs++] = ret;
     }
 }
 
@@ -147,7 +153,7 @@ extern void __asan_unpoison_memory_region(void const volatile *addr, size_t size
 
 static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
 {
-    uintptr_t lo = fault_sp - 128; /* the x86-64 red zone below sp */
+    uintptr_t lo = fault_sp - FFG_RED_ZONE; /* a leaf function may use memory below sp */
     if (__asan_unpoison_memory_region && lo < frame_sp)
         __asan_unpoison_memory_region((void *)lo, frame_sp - lo);
 }
@@ -164,10 +170,15 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     r->pc = ffg_uc_pc(uc);
     r->sp = ffg_uc_sp(uc);
     /* Only a fault caused by an instruction has a meaningful trap number/error code. */
-    r->access = r->has_address && (signo == SIGSEGV || signo == SIGBUS) ? ffg_uc_access(uc) : FFG_ACCESS_UNKNOWN;
+    r->access = FFG_ACCESS_UNKNOWN;
+    if (r->has_address && (signo == SIGSEGV || signo == SIGBUS)) {
+        int from_context;
+        r->access = ffg_uc_access(uc, r->address, &from_context);
+        __atomic_store_n(&access_in_context, from_context, __ATOMIC_RELAXED);
+    }
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
-    capture_pcs(t, r);
+    capture_pcs(t, r, uc);
     __atomic_fetch_add(&recovered[signo], 1, __ATOMIC_RELAXED);
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
 }
@@ -243,7 +254,7 @@ static void on_signal(int signo, siginfo_t *si, void *context)
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
-        ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_return);
+        ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_recover);
         /* sigreturn restores this mask: never leave a trapped signal blocked. */
         for (int s = 1; s < NSIGNALS; s++)
             if (trapped[s])
@@ -338,3 +349,5 @@ size_t ffg_prev_snapshot(void *buf, size_t size)
 }
 
 void ffg_prev_restore(const void *buf) { memcpy(previous, buf, sizeof previous); }
+
+int ffg_access_in_context(void) { return __atomic_load_n(&access_in_context, __ATOMIC_RELAXED); }

@@ -490,6 +490,39 @@ static PyObject *m_recovered(PyObject *mod, PyObject *arg)
     return PyLong_FromUnsignedLongLong(ffg_recovered_count((int)s));
 }
 
+static PyObject *m_access_in_context(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    int v = ffg_access_in_context();
+    if (v < 0)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(v);
+}
+
+#if defined(__aarch64__) && !defined(FFG_NO_ARCH)
+/* For the tests: the access kind a signal context with these extension records (the
+ * bytes of uc_mcontext.__reserved) would give. qemu-user never writes an ESR record, so
+ * the record walk is tested on synthetic frames. */
+static PyObject *m_decode_access(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    Py_buffer records;
+    unsigned long long pc, address;
+    if (!PyArg_ParseTuple(args, "y*KK:_decode_access", &records, &pc, &address))
+        return NULL;
+    static ucontext_t uc; /* 4 KiB of records: not on the stack; the GIL serialises */
+    memset(&uc, 0, sizeof uc);
+    size_t n = (size_t)records.len < sizeof uc.uc_mcontext.__reserved ? (size_t)records.len
+                                                                       : sizeof uc.uc_mcontext.__reserved;
+    memcpy(uc.uc_mcontext.__reserved, records.buf, n);
+    PyBuffer_Release(&records);
+    uc.uc_mcontext.pc = pc;
+    int from_context;
+    int access = ffg_uc_access(&uc, (uintptr_t)address, &from_context);
+    return Py_BuildValue("(zO)", access_names[access], from_context ? Py_True : Py_False);
+}
+#endif
+
 static PyObject *m_previous_snapshot(PyObject *mod, PyObject *unused)
 {
     (void)mod, (void)unused;
@@ -561,6 +594,14 @@ static PyMethodDef methods[] = {
     {"refresh", m_refresh, METH_NOARGS, "put our handlers back on top; returns how many moved"},
     {"is_trapped", m_is_trapped, METH_O, "is_trapped(signum) -> bool"},
     {"recovered", m_recovered, METH_O, "recovered(signum or 0) -> faults recovered"},
+    {"access_in_context", m_access_in_context, METH_NOARGS,
+     "whether the last recovered SIGSEGV/SIGBUS had read/write/execute in its saved context "
+     "(x86-64: always; AArch64: only with an ESR record, which qemu-user never writes); "
+     "None before the first"},
+#if defined(__aarch64__) && !defined(FFG_NO_ARCH)
+    {"_decode_access", m_decode_access, METH_VARARGS,
+     "_decode_access(records, pc, address) -> (access, from_context): tests only"},
+#endif
     {"previous_snapshot", m_previous_snapshot, METH_NOARGS, "the chained handlers, as bytes"},
     {"previous_restore", m_previous_restore, METH_O, "restore previous_snapshot()"},
     {"dladdr", m_dladdr, METH_O, "dladdr(pc) -> (path, base, symbol, symbol_address) or None"},

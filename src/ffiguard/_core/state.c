@@ -25,8 +25,6 @@ _Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
 _Static_assert(offsetof(struct ffg_frame, sp) == F_SP, "F_SP");
 _Static_assert(offsetof(struct ffg_frame, target) == F_TARGET, "F_TARGET");
 _Static_assert(offsetof(struct ffg_frame, token) == F_TOKEN, "F_TOKEN");
-_Static_assert(offsetof(struct ffg_frame, mxcsr) == F_MXCSR, "F_MXCSR");
-_Static_assert(offsetof(struct ffg_frame, fpucw) == F_FPUCW, "F_FPUCW");
 #endif
 
 #define ALTSTACK_MIN (128 * 1024) /* the unwinder needs a few KiB; pages are touched lazily */

@@ -5,6 +5,11 @@
  * ffg_tls, which the assembly thunk reads too. The first three fields are at fixed
  * offsets the thunk uses (T_TOP, T_END, T_ARMED, T_TOKEN in arch/<arch>.S).
  *
+ * Each arch/<arch>.h provides: struct ffg_frame and its F_* offsets, FRAME_SIZE,
+ * FFG_ARCH_NAME, FFG_NREGS and FFG_REG_NAMES, FFG_RED_ZONE, FFG_STUB_SIZE and
+ * ffg_write_stub (the only machine code written from C), and the signal-context
+ * accessors ffg_uc_pc/sp/regs/access/call_return/recover (async-signal-safe).
+ *
  * Arming names the target, not just "the next stub": between arming and the foreign
  * call, ctypes converts the arguments, which can run Python code that calls some other
  * stubbed function directly; that call must not take the guard meant for this one.
@@ -23,6 +28,8 @@
 #include "arch/none.h"
 #elif defined(__x86_64__)
 #include "arch/x86_64.h"
+#elif defined(__aarch64__)
+#include "arch/aarch64.h"
 #else
 #error "ffiguard: no thunk for this architecture (setup.py builds with FFG_NO_ARCH)"
 #endif
@@ -78,6 +85,7 @@ int ffg_is_trapped(int signo);
 uint64_t ffg_recovered_count(int signo); /* signo 0: all */
 size_t ffg_prev_snapshot(void *buf, size_t size);
 void ffg_prev_restore(const void *buf);
+int ffg_access_in_context(void); /* -1 no fault yet, 0/1: see handler.c */
 
 /* stubs.c */
 uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */
@@ -91,6 +99,7 @@ uintptr_t ffg_stub_target(uintptr_t stub); /* 0 when not one of ours */
 #endif
 void ffg_thunk(void) FFG_THUNK_DECL;
 void ffg_thunk_return(void) FFG_THUNK_DECL;
+void ffg_thunk_recover(void) FFG_THUNK_DECL; /* where the handler resumes a faulted call */
 void ffg_thunk_end(void) FFG_THUNK_DECL;
 
 #endif

@@ -19,7 +19,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define SLOT 16
+#define SLOT FFG_STUB_SIZE /* the code of one stub: arch/<arch>.h */
 
 struct block {
     unsigned char *code; /* page_size bytes of code, then page_size bytes of data */
@@ -29,24 +29,6 @@ struct block {
 
 static struct block *blocks;
 
-#ifndef FFG_NO_ARCH
-/* One slot of x86-64 code. Both loads are rip-relative, so every slot is the same
- * bytes: slot i's data sits exactly one page after slot i's code.
- *   mov r11, [rip + page-7]    ; the target (no argument uses r11)
- *   jmp [rip + page+8-13]      ; the thunk
- *   int3 x3                    ; padding
- */
-static void write_slot(unsigned char *p, size_t page)
-{
-    int32_t to_target = (int32_t)(page - 7);
-    int32_t to_thunk = (int32_t)(page + 8 - 13);
-    p[0] = 0x4c, p[1] = 0x8b, p[2] = 0x1d;
-    memcpy(p + 3, &to_target, 4);
-    p[7] = 0xff, p[8] = 0x25;
-    memcpy(p + 9, &to_thunk, 4);
-    p[13] = p[14] = p[15] = 0xcc;
-}
-#endif
 
 static struct block *new_block(size_t page)
 {
@@ -64,7 +46,10 @@ static struct block *new_block(size_t page)
         return NULL;
     }
     for (size_t off = 0; off < page; off += SLOT)
-        write_slot(mem + off, page);
+        ffg_write_stub(mem + off, page);
+    /* Instruction and data caches are not coherent on every architecture (AArch64):
+     * make the new code visible to instruction fetch (a no-op on x86-64). */
+    __builtin___clear_cache((char *)mem, (char *)mem + page);
     if (mprotect(mem, page, PROT_READ | PROT_EXEC) != 0) {
         int saved = errno;
         munmap(mem, 2 * page);

@@ -56,8 +56,19 @@ FAULTY int ffg_read_past_eof(int fd, uintptr_t *where)
     return *(volatile char *)(map + pagesize);
 }
 
-FAULTY void ffg_illegal_instruction(void) { __builtin_trap(); }
+/* SIGILL: an undefined instruction. x86-64: ud2 (what __builtin_trap emits there).
+ * AArch64: udf #0 (__builtin_trap would emit brk, a breakpoint: SIGTRAP, not SIGILL). */
+FAULTY void ffg_illegal_instruction(void)
+{
+#if defined(__aarch64__)
+    __asm__ volatile("udf #0");
+#else
+    __builtin_trap();
+#endif
+}
 
+/* SIGFPE, FPE_INTDIV on x86-64 when b == 0. AArch64's sdiv does not trap: it returns 0
+ * (the tests check that, and test a SIGFPE the foreign code raises instead). */
 FAULTY int ffg_divide(int a, int b)
 {
     volatile int x = a, y = b;

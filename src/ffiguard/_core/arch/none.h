@@ -4,6 +4,7 @@
 #ifndef FFG_ARCH_NONE_H
 #define FFG_ARCH_NONE_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <ucontext.h>
 
@@ -14,11 +15,25 @@ struct ffg_frame {
 #define FFG_ARCH_NAME "unsupported"
 #define FFG_NREGS 1
 #define FFG_REG_NAMES "pc"
+#define FFG_RED_ZONE 0
+#define FFG_STUB_SIZE 16
+
+static inline void ffg_write_stub(unsigned char *p, size_t page) { (void)p, (void)page; }
 
 static inline uintptr_t ffg_uc_pc(const ucontext_t *uc) { (void)uc; return 0; }
 static inline uintptr_t ffg_uc_sp(const ucontext_t *uc) { (void)uc; return 0; }
 static inline void ffg_uc_regs(const ucontext_t *uc, uint64_t *out) { (void)uc; out[0] = 0; }
-static inline int ffg_uc_access(const ucontext_t *uc) { (void)uc; return 0; }
+static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *from_context)
+{
+    (void)uc, (void)address;
+    *from_context = 0;
+    return 0;
+}
+static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t lo, uintptr_t hi)
+{
+    (void)uc, (void)lo, (void)hi;
+    return 0;
+}
 static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame, uintptr_t resume)
 {
     (void)uc, (void)frame, (void)resume;

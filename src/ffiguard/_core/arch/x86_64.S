@@ -13,7 +13,8 @@
  * When the call is not armed (the stub was reached some other way: a C caller, a
  * cast of the function pointer) it just jumps to the target: no guard, no cost.
  *
- * The signal handler recovers a faulting call by resuming at ffg_thunk_return with
+ * The signal handler recovers a faulting call by resuming at ffg_thunk_recover (the
+ * same address as ffg_thunk_return) with
  * rsp, rbx (= the frame), rbp and r12-r15 taken from the frame: the same return path.
  */
 #include "x86_64.h"
@@ -65,7 +66,10 @@ ffg_thunk:
 
     .globl  ffg_thunk_return
     .hidden ffg_thunk_return
+    .globl  ffg_thunk_recover
+    .hidden ffg_thunk_recover
 ffg_thunk_return:                       /* rax/rdx/xmm0/xmm1/st0 hold the result */
+ffg_thunk_recover:                      /* the handler resumes here too (same path) */
     movq    ffg_tls@GOTTPOFF(%rip), %r10
     movq    %fs:(%r10), %r10
     movq    %rbx, T_TOP(%r10)           /* pop the frame */

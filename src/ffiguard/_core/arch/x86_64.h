@@ -24,6 +24,7 @@
 #define FRAME_SIZE 88
 
 #ifndef __ASSEMBLER__
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <ucontext.h>
@@ -39,13 +40,38 @@ struct ffg_frame {
     uint16_t pad;
 };
 
+_Static_assert(offsetof(struct ffg_frame, mxcsr) == F_MXCSR, "F_MXCSR");
+_Static_assert(offsetof(struct ffg_frame, fpucw) == F_FPUCW, "F_FPUCW");
+
 #define FFG_ARCH_NAME "x86_64"
 #define FFG_NREGS 23 /* the general registers saved in the signal context */
+#define FFG_RED_ZONE 128 /* bytes below rsp a leaf function may use */
 
 /* Names of uc_mcontext.gregs[i], in glibc's REG_* order. */
 #define FFG_REG_NAMES                                                                    \
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx", \
         "rax", "rcx", "rsp", "rip", "eflags", "csgsfs", "err", "trapno", "oldmask", "cr2"
+
+/* One 16-byte stub. Both loads are rip-relative, so every slot is the same bytes:
+ * slot i's data (target, then the thunk's address) sits exactly one page after slot
+ * i's code.
+ *   mov r11, [rip + page-7]    ; the target (no argument uses r11)
+ *   jmp [rip + page+8-13]      ; the thunk
+ *   int3 x3                    ; padding */
+#define FFG_STUB_SIZE 16
+
+static inline void ffg_write_stub(unsigned char *p, size_t page)
+{
+    int32_t to_target = (int32_t)(page - 7);
+    int32_t to_thunk = (int32_t)(page + 8 - 13);
+    p[0] = 0x4c, p[1] = 0x8b, p[2] = 0x1d;
+    memcpy(p + 3, &to_target, 4);
+    p[7] = 0xff, p[8] = 0x25;
+    memcpy(p + 9, &to_thunk, 4);
+    p[13] = p[14] = p[15] = 0xcc;
+}
+
+/* ---- the signal context: async-signal-safe (plain reads and writes of it) ---------- */
 
 static inline uintptr_t ffg_uc_pc(const ucontext_t *uc) { return (uintptr_t)uc->uc_mcontext.gregs[REG_RIP]; }
 static inline uintptr_t ffg_uc_sp(const ucontext_t *uc) { return (uintptr_t)uc->uc_mcontext.gregs[REG_RSP]; }
@@ -56,15 +82,28 @@ static inline void ffg_uc_regs(const ucontext_t *uc, uint64_t *out)
 }
 
 /* What the faulting access was, from the page-fault error code the kernel stores:
- * 0 unknown, 1 read, 2 write, 3 instruction fetch. */
-static inline int ffg_uc_access(const ucontext_t *uc)
+ * 0 unknown, 1 read, 2 write, 3 instruction fetch; *from_context: the context said. */
+static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *from_context)
 {
-    if (uc->uc_mcontext.gregs[REG_TRAPNO] != 14) /* not a page fault */
+    (void)address;
+    *from_context = uc->uc_mcontext.gregs[REG_TRAPNO] == 14;
+    if (!*from_context) /* not a page fault */
         return 0;
     greg_t err = uc->uc_mcontext.gregs[REG_ERR];
     if (err & 0x10)
         return 3;
     return (err & 0x2) ? 2 : 1;
+}
+
+/* For a call to a bad address (e.g. through NULL), where the unwinder knows nothing of
+ * the pc: the caller's return address, which the call just pushed on top of the stack
+ * (read only when sp is inside this thread's stack). */
+static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t stack_lo, uintptr_t stack_hi)
+{
+    uintptr_t sp = ffg_uc_sp(uc);
+    if (sp < stack_lo || sp + sizeof(uintptr_t) > stack_hi || (sp & 7))
+        return 0;
+    return *(const uintptr_t *)sp;
 }
 
 /* Make sigreturn resume at the thunk's return path as if the foreign function had
