@@ -21,6 +21,8 @@ import ffiguard
 # it without importing ffiguard (some of them must set things up before that).
 SIGNATURES_SRC = r'''
 import ctypes
+import platform
+import signal
 
 
 class Point(ctypes.Structure):
@@ -65,6 +67,51 @@ SIGNATURES = {
 }
 
 
+# ---- what differs between architectures (every test states the difference it relies on)
+AARCH64 = platform.machine() in ("aarch64", "arm64")
+ARCH = "aarch64" if AARCH64 else "x86_64"
+
+# ForeignFault.registers names: the pc, the stack pointer, the first integer argument.
+PC_REG, SP_REG, ARG0_REG = ("pc", "sp", "x0") if AARCH64 else ("rip", "rsp", "rdi")
+
+# Integer division by zero traps on x86-64 (SIGFPE, FPE_INTDIV, at the idiv). On AArch64
+# sdiv/udiv by zero return 0 and never trap: a SIGFPE there comes from code that raises
+# it itself (a runtime checking for zero), so that is the SIGFPE case tested there.
+DIVISION_TRAPS = not AARCH64
+FPE_CODE_NAME = "FPE_INTDIV" if DIVISION_TRAPS else "SI_TKILL"
+
+
+def fpe_call(lib):
+    """(function, args) of the call into `lib` that ends in SIGFPE on this architecture."""
+    return (lib.ffg_divide, (1, 0)) if DIVISION_TRAPS else (lib.ffg_raise, (signal.SIGFPE,))
+
+
+FPE_SNIPPET = "{0}.ffg_divide(1, 0)" if DIVISION_TRAPS else "{0}.ffg_raise(signal.SIGFPE)"
+
+# The SIGILL si_code of an undefined instruction (crashers' ffg_illegal_instruction):
+# x86-64 ud2 gives ILL_ILLOPN; AArch64 udf gives ILL_ILLOPC (Linux on hardware) but
+# ILL_ILLOPN under qemu-user, which reports every undefined instruction that way.
+def _under_qemu_user():
+    # qemu-user reports no AT_MINSIGSTKSZ (0); Linux on AArch64 always does (>= 4 KiB).
+    if not AARCH64:
+        return False
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return getauxval(51) == 0  # AT_MINSIGSTKSZ
+
+
+UNDER_QEMU = _under_qemu_user()
+ILL_CODE_NAME, ILL_CODE = ("ILL_ILLOPC", 1) if AARCH64 and not UNDER_QEMU else ("ILL_ILLOPN", 2)
+
+
+def expected_access(kind):
+    """ForeignFault.access for a data fault of `kind` ("read"/"write"): x86-64 always
+    knows (the page-fault error code). AArch64 knows from the ESR record the kernel saves
+    in the signal frame: Linux on hardware writes one, qemu-user never does, and then
+    access is None (an instruction fetch is still recognised: the address is the pc)."""
+    return None if UNDER_QEMU else kind
+
+
 def setup_signatures(lib):
     for name, (argtypes, restype) in SIGNATURES.items():
         fn = getattr(lib, name)
@@ -76,6 +123,20 @@ def setup_signatures(lib):
 exec(SIGNATURES_SRC, globals())
 
 CRASHERS_PATH = ffiguard.crashers_path()
+
+
+def _entry_pad():
+    """Bytes before a crasher function's first real instruction: on AArch64 the library
+    is built with -mbranch-protection=standard, so a function reached by an indirect
+    call starts with its BTI landing pad, `bti c` (a NOP without BTI)."""
+    if not AARCH64:
+        return 0
+    fn = ctypes.CDLL(CRASHERS_PATH).ffg_read_at
+    first = ctypes.c_uint32.from_address(ctypes.cast(fn, ctypes.c_void_p).value).value
+    return 4 if first == 0xD503245F else 0  # bti c
+
+
+ENTRY_PAD = _entry_pad()
 
 # This thread's signal mask before any guarded call: every recovery must leave it so.
 INITIAL_MASK = signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 import ffiguard
-from conftest import CALLBACK, CRASHERS_PATH, Big, Point, map_base, pc_in
+from conftest import CALLBACK, CRASHERS_PATH, Big, Point, expected_access, map_base, pc_in
 
 c_int, c_long, c_double, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_double, ctypes.c_void_p
 
@@ -439,12 +439,13 @@ def test_libc_strlen_null(libc):
     assert e.signal == signal.SIGSEGV
     assert e.code_name == "SEGV_MAPERR"
     assert e.address == 0
-    assert e.access == "read"
+    assert e.access == expected_access("read")
     assert e.function == "strlen"
     assert e.library is not None and os.path.basename(e.library).startswith("libc.so")
     # strlen is an IFUNC: the pc lies in a CPU-specific variant (__strlen_avx2...)
     # that dladdr may not name; the report then shows the address instead.
-    assert re.fullmatch(r"SIGSEGV \(SEGV_MAPERR: [^)]+\) reading 0x0 (in \S+|at 0x[0-9a-f]+) "
+    verb = "reading" if expected_access("read") else "at"
+    assert re.fullmatch(r"SIGSEGV \(SEGV_MAPERR: [^)]+\) " + verb + r" 0x0 (in \S+|at 0x[0-9a-f]+) "
                         r"\(libc\.so\.6\+0x[0-9a-f]+\) during call to strlen", str(e)), str(e)
     assert e.pc - map_base(e.library) == int(str(e).split("libc.so.6+")[1].split(")")[0], 16)
     assert libc.strlen(b"ok") == 2
@@ -459,7 +460,7 @@ def test_libc_variadic_fault_with_stack_arguments(libc):
         libc.snprintf(buf, 64, b"%d %d %d %d %d %d %d %d %s", *args, c_void_p(0x10))
     e = info.value
     assert e.code_name == "SEGV_MAPERR"
-    assert e.access == "read"
+    assert e.access == expected_access("read")
     assert e.address is not None and e.address <= 0x10 < e.address + 64
     assert e.function == "snprintf"
     assert libc.snprintf(buf, 64, b"%d %d %d %d %d %d %d %d %s", *args, b"ok") == 18
@@ -489,3 +490,66 @@ def test_missing_symbol_raises_attributeerror_like_ctypes(crashers, plain):
     assert str(got.value) == str(want.value)
     with pytest.raises(AttributeError):
         crashers["ffg_no_such_function"]
+
+
+BTI_LIBRARY_S = r"""
+    .text
+    .globl  with_pad
+    .type   with_pad, %function
+with_pad:                   // a proper landing pad
+    bti     c
+    add     x0, x0, #1
+    ret
+    .globl  without_pad
+    .type   without_pad, %function
+without_pad:                // none: an indirect call must fault where BTI is enforced
+    add     x0, x0, #2
+    ret
+    .section .note.GNU-stack, "", %progbits
+    .section .note.gnu.property, "a"
+    .p2align 3
+    .word   4, 16, 5        // GNU NT_GNU_PROPERTY_TYPE_0
+    .asciz  "GNU"
+    .word   0xc0000000, 4, 3, 0   // AARCH64_FEATURE_1_AND: BTI | PAC
+"""
+
+
+def test_bti_target_library(tmp_path):
+    """AArch64 BTI: a library marked BTI (built here without the C start files, which
+    on some distributions carry no BTI note and would unmark it) has its landing pads
+    enforced where the CPU has BTI (qemu's default CPU does). The guard enters the
+    target with `blr x16` when armed and `br x16` when not: both must be accepted by a
+    `bti c` pad, and a function without one must fault, inside the guard, as SIGILL."""
+    import platform
+    import subprocess
+    import sysconfig
+    if platform.machine() not in ("aarch64", "arm64"):
+        pytest.skip("AArch64 only: x86-64 Linux enforces no landing pads in user space")
+    src = tmp_path / "bti.S"
+    src.write_text(BTI_LIBRARY_S)
+    so = tmp_path / "libbti.so"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    subprocess.run([cc, "-shared", "-nostartfiles", "-o", str(so), str(src)], check=True)
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype, libc.getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    bti = bool(libc.getauxval(26) & (1 << 17))  # AT_HWCAP2 & HWCAP2_BTI
+
+    plain = ctypes.CDLL(str(so))
+    raw = {}
+    for name in ("with_pad", "without_pad"):
+        fn = raw[name] = getattr(plain, name)
+        fn.argtypes, fn.restype = [c_long], c_long
+    start = {name: ctypes.cast(fn, c_void_p).value for name, fn in raw.items()}
+    with_pad, without_pad = ffiguard.guard(raw["with_pad"]), ffiguard.guard(raw["without_pad"])
+    assert ctypes.cast(raw["with_pad"], c_void_p).value != start["with_pad"]  # now the stub
+    assert with_pad(41) == 42          # armed: the thunk calls it with blr x16
+    assert raw["with_pad"](41) == 42   # unarmed: the stub, then the thunk's br x16
+    if bti:
+        with pytest.raises(ffiguard.IllegalInstruction) as info:
+            without_pad(1)
+        e = info.value
+        assert (e.signal, e.function, e.pc) == (signal.SIGILL, "without_pad", start["without_pad"])
+        assert e.symbol == "without_pad"
+    else:  # e.g. QEMU_CPU=cortex-a72 (ARMv8.0): bti is a NOP, nothing is enforced
+        assert without_pad(1) == 3
+    assert with_pad(1) == 2

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 import ffiguard
-from conftest import CALLBACK, CRASHERS_PATH, pc_in, setup_signatures
+from conftest import (CALLBACK, CRASHERS_PATH, DIVISION_TRAPS, FPE_CODE_NAME, ILL_CODE_NAME,
+                      expected_access, pc_in, setup_signatures)
 
 
 def run_threads(target, n):
@@ -52,7 +53,8 @@ def test_concurrent_faults_each_thread_gets_its_own(crashers):
                     lib.ffg_read_at(addr)
                 except ffiguard.SegmentationFault as e:
                     assert type(e) is ffiguard.SegmentationFault
-                    assert (e.address, e.access, e.function) == (addr, "read", "ffg_read_at")
+                    assert (e.address, e.access, e.function) == (
+                        addr, expected_access("read"), "ffg_read_at")
                     assert pc_in(e.pc, "ffg_read_at")
                 else:
                     raise AssertionError("no fault")
@@ -60,23 +62,27 @@ def test_concurrent_faults_each_thread_gets_its_own(crashers):
                 try:
                     lib.ffg_write_at(addr, r)
                 except ffiguard.SegmentationFault as e:
-                    assert (e.address, e.access, e.function) == (addr, "write", "ffg_write_at")
+                    assert (e.address, e.access, e.function) == (
+                        addr, expected_access("write"), "ffg_write_at")
                 else:
                     raise AssertionError("no fault")
             elif kind == 2:
+                # x86-64: divide by zero; AArch64 (division never traps): raise(SIGFPE)
+                fn, args = (lib.ffg_divide, (r, 0)) if DIVISION_TRAPS else (lib.ffg_raise, (signal.SIGFPE,))
                 try:
-                    lib.ffg_divide(r, 0)
+                    fn(*args)
                 except ffiguard.ArithmeticFault as e:
                     assert (e.signal, e.code_name, e.function) == (
-                        signal.SIGFPE, "FPE_INTDIV", "ffg_divide")
-                    assert pc_in(e.pc, "ffg_divide")
+                        signal.SIGFPE, FPE_CODE_NAME, fn.__name__)
+                    if DIVISION_TRAPS:
+                        assert pc_in(e.pc, "ffg_divide")
                 else:
                     raise AssertionError("no fault")
             else:
                 try:
                     lib.ffg_illegal_instruction()
                 except ffiguard.IllegalInstruction as e:
-                    assert (e.signal, e.code_name) == (signal.SIGILL, "ILL_ILLOPN")
+                    assert (e.signal, e.code_name) == (signal.SIGILL, ILL_CODE_NAME)
                     assert e.function == "ffg_illegal_instruction"
                 else:
                     raise AssertionError("no fault")
@@ -194,7 +200,7 @@ def test_fault_in_nested_call_is_raised_in_callback(crashers):
     assert e.address == 0x50
     assert e.function == "ffg_read_at"
     assert e.symbol == "ffg_read_at"
-    assert e.access == "read"
+    assert e.access == expected_access("read")
     # The outer call is healthy afterwards.
     assert crashers.ffg_call_callback(CALLBACK(lambda x: x), 7) == 8
 
@@ -205,7 +211,10 @@ def test_fault_in_doubly_nested_call(crashers):
     @CALLBACK
     def inner_cb(x):
         try:
-            crashers.ffg_divide(x, 0)
+            if DIVISION_TRAPS:
+                crashers.ffg_divide(x, 0)
+            else:  # AArch64: division never traps; the library raises SIGFPE itself
+                crashers.ffg_raise(signal.SIGFPE)
         except ffiguard.ArithmeticFault as e:
             caught.append(e)
             return x * 2
@@ -218,8 +227,8 @@ def test_fault_in_doubly_nested_call(crashers):
     # outer: cb(x)+1, where cb(x) = inner: inner_cb(x)+1 = 2x+1
     assert crashers.ffg_call_callback(outer_cb, 10) == 22
     (e,) = caught
-    assert e.function == "ffg_divide"
-    assert e.code_name == "FPE_INTDIV"
+    assert e.function == ("ffg_divide" if DIVISION_TRAPS else "ffg_raise")
+    assert e.code_name == FPE_CODE_NAME
 
 
 def test_uncaught_fault_in_callback_stays_in_callback(crashers, monkeypatch):
