@@ -28,7 +28,10 @@ def assert_pristine():
     assert not any(isinstance(f, everything._CffiImportHook) for f in sys.meta_path)
     api = sys.modules.get("cffi.api")
     if api is not None:
-        assert not hasattr(api.FFI.dlopen, "__wrapped__")
+        assert not any(hasattr(getattr(api.FFI, m), "__wrapped__") for m in everything._FFI_METHODS)
+    backend = sys.modules.get("_cffi_backend")
+    if backend is not None:
+        assert backend.FFI.__module__ == "_cffi_backend" and backend.FFI.__base__ is object
 
 
 @pytest.fixture
@@ -365,3 +368,80 @@ def test_cffi_imported_after_uninstall_is_not_patched(run_python):
         print(type(ffi.dlopen(CRASHERS_PATH)).__name__.startswith("FFILibrary"))
     """)
     assert (rc, out) == (0, "True\n"), (rc, out, err)
+
+
+def test_cffi_ffi_methods_accept_guarded_objects(installed):
+    cffi = pytest.importorskip("cffi")
+    import weakref
+    ffi = cffi.FFI()
+    ffi.cdef(CFFI_CDEF)
+    lib = ffi.dlopen(CRASHERS_PATH)
+    add = lib.ffg_add
+    assert str(ffi.typeof(add)) == "<ctype 'int(*)(int, int)'>"
+    address = ffi.addressof(lib, "ffg_add")
+    assert str(ffi.typeof(address)) == "<ctype 'int(*)(int, int)'>"
+    assert address(40, 2) == 42
+    unguarded = ffi.cast("int(*)(int, int)", add)  # a pointer to the stub: runs unguarded
+    assert unguarded(1, 2) == 3
+    lib_ref = weakref.ref(lib)
+    del lib
+    import gc
+    gc.collect()
+    assert lib_ref() is not None, "ffi keeps its guarded library alive, as cffi does"
+    assert add(2, 3) == 5
+    ffi.dlclose(lib_ref())
+
+
+OUT_OF_LINE = """
+import cffi
+ffi = cffi.FFI()
+ffi.cdef("int ffg_read_null(void); int ffg_add(int, int);")
+ffi.set_source("_ool_crashers", None)
+ffi.emit_python_code(PATH)
+"""
+
+
+def test_cffi_out_of_line_abi_module_is_guarded(run_python, tmp_path):
+    pytest.importorskip("cffi")
+    module = tmp_path / "_ool_crashers.py"
+    rc, out, err = run_python("PATH = %r\n" % str(module) + OUT_OF_LINE)
+    assert rc == 0 and module.exists(), err
+    rc, out, err = run_python("""
+        sys.path.insert(0, @DIR@)
+        import ffiguard
+        install = ffiguard.install()
+        assert "_cffi_backend" not in sys.modules
+        from _ool_crashers import ffi             # generated: _cffi_backend.FFI(...)
+        lib = ffi.dlopen(CRASHERS_PATH)
+        print(type(lib).__name__, lib.ffg_add(40, 2), ffi.typeof(lib.ffg_add).cname,
+              ffi.addressof(lib, "ffg_add")(1, 1))
+        try:
+            lib.ffg_read_null()
+        except ffiguard.SegmentationFault as e:
+            print("caught", e.function, e.address)
+        ffiguard.uninstall()
+        import _cffi_backend
+        print(_cffi_backend.FFI is type(ffi).__base__, type(ffi.dlopen(CRASHERS_PATH)).__name__)
+    """.replace("@DIR@", repr(str(tmp_path))))
+    assert (rc, out) == (0, "GuardedLibrary 42 int(*)(int, int) 2\ncaught ffg_read_null 0\n"
+                            "True Lib\n"), (rc, out, err)
+
+
+def test_cffi_out_of_line_module_with_backend_imported_before_install(run_python, tmp_path):
+    pytest.importorskip("cffi")
+    module = tmp_path / "_ool_crashers.py"
+    rc, out, err = run_python("PATH = %r\n" % str(module) + OUT_OF_LINE)
+    assert rc == 0, err
+    rc, out, err = run_python("""
+        sys.path.insert(0, @DIR@)
+        import cffi, _cffi_backend, ffiguard
+        with ffiguard.install():
+            from _ool_crashers import ffi
+            lib = ffi.dlopen(CRASHERS_PATH)
+            try:
+                lib.ffg_read_null()
+            except ffiguard.SegmentationFault as e:
+                print("caught", e.function)
+        print(_cffi_backend.FFI.__module__, _cffi_backend.FFI.__base__ is object)
+    """.replace("@DIR@", repr(str(tmp_path))))
+    assert (rc, out) == (0, "caught ffg_read_null\n_cffi_backend True\n"), (rc, out, err)

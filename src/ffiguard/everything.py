@@ -11,9 +11,14 @@ While installed, every library loaded through ctypes or cffi is guarded:
 * ``ctypes.cdll`` (the LibraryLoader object itself, so references taken before install
   too) loads through the guarding class: ``ctypes.cdll.LoadLibrary(...)``,
   ``ctypes.cdll.libfoo``, ``ctypes.cdll["libfoo.so"]``.
-* ``cffi.FFI.dlopen`` returns ``ffiguard.guard(ffi, lib)`` (``ffi.dlclose`` accepts
-  it). cffi is not imported by install(): if the program has
+* ``ffi.dlopen`` returns ``ffiguard.guard(ffi, lib)``, both for ``cffi.FFI()`` (in-line
+  ABI mode) and for the ``ffi`` of an out-of-line ABI module imported after install (the
+  generated ``_foo.py`` that makes ``_cffi_backend.FFI(...)``). ``ffi.dlclose``,
+  ``ffi.addressof(lib, name)``, ``ffi.typeof(lib.f)`` and ``ffi.cast(T, lib.f)`` accept
+  the guarded objects (a cast of ``lib.f`` is a pointer to its stub: called through it,
+  the function runs unguarded). cffi is not imported by install(): if the program has
   not imported it yet, a meta-path hook patches it the moment it is imported.
+  Compiled (API-mode) modules are not patched: ``ffiguard.guard(ffi, lib)`` them.
 
 Not guarded, on purpose: ``ctypes.pythonapi`` and ``ctypes.PyDLL`` (Python's own C API,
 called with the GIL held: a fault there is in the interpreter, and the handler refuses
@@ -31,6 +36,7 @@ import ctypes
 import sys
 import threading
 
+from . import _core
 from .for_ctypes import CDLL as _GuardedCDLL, _check_supported, make_policy
 
 __all__ = ["install", "uninstall", "installed"]
@@ -77,30 +83,104 @@ InstalledCDLL.__name__ = InstalledCDLL.__qualname__ = "CDLL"
 
 
 # ---- cffi ---------------------------------------------------------------------------
+#
+# Two FFI classes make libraries: cffi.api.FFI (in-line ABI mode, ``cffi.FFI()``; a Python
+# class, patched in place) and _cffi_backend.FFI (what the modules generated for
+# out-of-line ABI mode build: ``ffi = _cffi_backend.FFI(...)``; a C type, so the module
+# attribute is replaced by a Python subclass while installed). Besides dlopen, the few
+# FFI methods that take a library or a function and reject the wrappers unwrap them:
+# addressof(lib, name), typeof(lib.f), cast(T, lib.f), dlclose(lib).
+
+
+def _unwrap(obj):
+    from . import for_cffi
+    if isinstance(obj, (_core.GuardedFunction, for_cffi.GuardedLibrary)):
+        return obj.__wrapped__
+    return obj
+
+
+def _guarding_methods(original):
+    """FFI methods (from `original`, a {name: function} of the class's own) that guard
+    what dlopen returns and accept guarded objects where cffi wants its own."""
+    from . import for_cffi
+    GuardedFunction = _core.GuardedFunction
+    dlopen, dlclose = original["dlopen"], original["dlclose"]
+    addressof, typeof, cast = original["addressof"], original["typeof"], original["cast"]
+
+    def guarded_dlopen(self, name, flags=0):
+        lib = dlopen(self, name, flags)
+        state = _state
+        if state is None:  # an ffi made while installed, used after uninstall()
+            return lib
+        guarded = for_cffi.guard_library(self, lib, on_fault=state.on_fault)
+        keep = getattr(self, "_libraries", None)
+        if type(keep) is list:  # cffi.FFI keeps its libraries alive: the wrapper too
+            keep.append(guarded)
+        return guarded
+
+    def guarded_dlclose(self, lib):
+        return dlclose(self, _unwrap(lib))
+
+    def guarded_addressof(self, cdata, *fields):
+        return addressof(self, _unwrap(cdata), *fields)
+
+    def guarded_typeof(self, cdecl):
+        if type(cdecl) is GuardedFunction:
+            cdecl = cdecl.__wrapped__
+        return typeof(self, cdecl)
+
+    def guarded_cast(self, cdecl, source):
+        if type(source) is GuardedFunction:  # the stub: called through it, unguarded
+            source = source.__wrapped__
+        return cast(self, cdecl, source)
+
+    methods = {"dlopen": guarded_dlopen, "dlclose": guarded_dlclose,
+               "addressof": guarded_addressof, "typeof": guarded_typeof, "cast": guarded_cast}
+    for name, method in methods.items():
+        method.__name__ = name
+        method.__doc__ = getattr(original[name], "__doc__", None)
+        method.__wrapped__ = original[name]
+    return methods
+
+
+_FFI_METHODS = ("dlopen", "dlclose", "addressof", "typeof", "cast")
 
 
 def _patch_cffi(cffi_api):
-    """Wrap cffi.FFI.dlopen; returns what to put back. (ffi.dlclose works on a guarded
-    library as it is: GuardedLibrary has the __cffi_close__ it calls.)"""
-    from . import for_cffi
-
+    """Patch cffi.api.FFI in place; returns (what, how to undo)."""
     FFI = cffi_api.FFI
-    original = FFI.__dict__["dlopen"]
+    original = {name: FFI.__dict__[name] for name in _FFI_METHODS}
+    for name, method in _guarding_methods(original).items():
+        setattr(FFI, name, method)
 
-    def dlopen(self, name, flags=0):
-        lib = original(self, name, flags)
-        state = _state
-        on_fault = state.on_fault if state is not None else None
-        return for_cffi.guard_library(self, lib, on_fault=on_fault)
+    def undo():
+        for name, value in original.items():
+            setattr(FFI, name, value)
+    return undo
 
-    dlopen.__doc__ = original.__doc__
-    dlopen.__wrapped__ = original
-    FFI.dlopen = dlopen
-    return FFI, {"dlopen": original}
+
+def _patch_backend(backend):
+    """Replace _cffi_backend.FFI by a guarding subclass for the out-of-line modules
+    imported from now on; returns how to undo."""
+    BackendFFI = backend.FFI
+    original = {name: getattr(BackendFFI, name) for name in _FFI_METHODS}
+    GuardingFFI = type("FFI", (BackendFFI,), dict(
+        _guarding_methods(original),
+        __module__=BackendFFI.__module__,
+        __doc__=BackendFFI.__doc__))
+    backend.FFI = GuardingFFI
+
+    def undo():
+        if backend.FFI is GuardingFFI:
+            backend.FFI = BackendFFI
+    return undo
+
+
+_CFFI_MODULES = {"cffi.api": _patch_cffi, "_cffi_backend": _patch_backend}
 
 
 class _PatchingLoader:
-    """cffi.api's own loader, patching the module once it has run; everything else
+    """A module's own loader, patching the module once it has run; everything else
     (get_source for tracebacks, get_data, ...) is the original loader's."""
 
     def __init__(self, loader, hook):
@@ -119,14 +199,15 @@ class _PatchingLoader:
 
 
 class _CffiImportHook:
-    """Patches cffi.api.FFI once the program imports cffi; never imports it itself."""
+    """Patches cffi.api.FFI and _cffi_backend.FFI once the program imports them; never
+    imports them itself."""
 
     def __init__(self, installation):
         self.installation = installation
         self.busy = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "cffi.api" or self.busy:
+        if fullname not in _CFFI_MODULES or self.busy:
             return None
         self.busy = True
         try:
@@ -147,8 +228,8 @@ class _CffiImportHook:
 
     def loaded(self, module):
         with _lock:
-            if _state is self.installation and self.installation.cffi is None:
-                self.installation.cffi = _patch_cffi(module)
+            if _state is self.installation:
+                self.installation.patch(module)
 
 
 # ---- install / uninstall ------------------------------------------------------------
@@ -157,8 +238,18 @@ class _CffiImportHook:
 class _Installation:
     def __init__(self, on_fault):
         self.on_fault = on_fault
-        self.cffi = None  # (cffi.FFI, {name: original}) once patched
+        self.undo = {}  # module name -> how to undo its patch
         self.hook = None
+
+    def patch(self, module):
+        name = module.__name__
+        if name not in self.undo and hasattr(module, "FFI"):
+            self.undo[name] = _CFFI_MODULES[name](module)
+
+    def unpatch(self):
+        for undo in self.undo.values():
+            undo()
+        self.undo.clear()
 
 
 class Installed:
@@ -211,10 +302,11 @@ def install(on_fault=None):
         installation = _Installation(on_fault)
         ctypes.CDLL = InstalledCDLL
         ctypes.cdll._dlltype = InstalledCDLL
-        cffi_api = sys.modules.get("cffi.api")
-        if cffi_api is not None and hasattr(cffi_api, "FFI"):
-            installation.cffi = _patch_cffi(cffi_api)
-        else:
+        for name in _CFFI_MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                installation.patch(module)
+        if len(installation.undo) < len(_CFFI_MODULES):
             installation.hook = _CffiImportHook(installation)
             sys.meta_path.insert(0, installation.hook)
         _state = installation
@@ -222,8 +314,8 @@ def install(on_fault=None):
 
 
 def uninstall():
-    """Put back ctypes.CDLL, ctypes.cdll's library type and cffi.FFI.dlopen as
-    they were before install(). Libraries loaded meanwhile stay guarded. Returns True
+    """Put back ctypes.CDLL, ctypes.cdll's library type, cffi.FFI's methods and
+    _cffi_backend.FFI as they were before install(). Libraries loaded meanwhile stay guarded. Returns True
     if ffiguard was installed."""
     global _state
     with _lock:
@@ -237,10 +329,7 @@ def uninstall():
                 sys.meta_path.remove(installation.hook)
             except ValueError:
                 pass
-        if installation.cffi is not None:
-            FFI, saved = installation.cffi
-            for name, value in saved.items():
-                setattr(FFI, name, value)
+        installation.unpatch()
         _state = None
         return True
 

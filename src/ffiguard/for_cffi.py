@@ -27,6 +27,8 @@ __all__ = ["guard_library", "guard_function", "GuardedLibrary", "is_cffi_object"
 
 _CData = _backend._CDataBase
 _Lib = getattr(_backend, "Lib", None)  # out-of-line modules' lib (API mode, ABI out-of-line)
+# Read at import: install() later replaces _cffi_backend.FFI by a subclass of this one
+# (ffiguard.everything imports this module before it does).
 _BackendFFI = getattr(_backend, "FFI", None)
 _UINTPTR = _backend.new_primitive_type("uintptr_t")
 _BUILTIN = type(len)
@@ -172,6 +174,11 @@ class GuardedLibrary:
 
     def __dir__(self):
         return dir(self.__dict__["__wrapped__"])
+
+    def __addressof__(self, *name_and_fields):
+        """cffi.FFI.addressof(guarded, name) looks for this on in-line libraries."""
+        lib = self.__dict__["__wrapped__"]
+        return type(lib).__addressof__(lib, *name_and_fields)
 
     def __cffi_close__(self):
         lib = self.__dict__["__wrapped__"]
