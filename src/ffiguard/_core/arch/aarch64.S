@@ -57,6 +57,7 @@ ffg_thunk:
     ldp     x10, x11, [x9, #T_TOP]      /* x10 = the new frame, x11 = the end */
     cmp     x10, x11
     b.hs    .Lunguarded                 /* guard stack exhausted: call unguarded */
+    .cfi_remember_state                 /* the unguarded exit's view: x30 = the return */
     paciasp                             /* sign x30 (modifier: sp, unchanged until ret) */
     .cfi_window_save                    /* = .cfi_negate_ra_state */
     add     x11, x10, #FRAME_SIZE
@@ -107,6 +108,7 @@ ffg_thunk_recover:                      /* the signal handler resumes here after
     b       ffg_thunk_return
 
 .Lunguarded:
+    .cfi_restore_state
     br      x16
     .cfi_endproc
 
