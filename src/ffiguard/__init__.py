@@ -11,6 +11,10 @@ and the program goes on.
         libc.strlen(None)
     except ffiguard.ForeignFault as e:
         print(e)
+
+PYTEST_DONT_REWRITE: this marker keeps pytest from trying to rewrite the package's
+asserts; under `python -m ffiguard run -m pytest` it is imported before pytest starts,
+and pytest would warn that it cannot.
 """
 import ctypes as _ctypes
 import importlib.util as _importlib_util

@@ -50,21 +50,27 @@ def _tool_version(path: str) -> str:
     return "%s (%s)" % (path, version)
 
 
+# pkey_alloc / pkey_free syscall numbers (x86-64: MPK/PKU; AArch64: POE, Linux 6.12+).
+_PKEY_SYSCALLS = {"x86_64": (330, 331), "aarch64": (289, 290)}
+
+
 def protection_keys() -> str:
-    """'yes' if pkey_alloc works here (x86-64: syscall 330), else 'no (reason)'."""
+    """'yes' if pkey_alloc works here, else 'no (reason)'. ffiguard's shield (which
+    would use them) is not implemented yet: this only says what the machine offers."""
     import ctypes
     import os
     import platform
 
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "no (checked on x86-64 only)"
+    numbers = _PKEY_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return "no (not checked on %s)" % platform.machine()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    key = libc.syscall(ctypes.c_long(330), ctypes.c_ulong(0), ctypes.c_ulong(0))  # pkey_alloc
+    key = libc.syscall(ctypes.c_long(numbers[0]), ctypes.c_ulong(0), ctypes.c_ulong(0))
     if key < 0:
         err = ctypes.get_errno()
         return "no (pkey_alloc: %s)" % (os.strerror(err) if err else "failed")
-    libc.syscall(ctypes.c_long(331), ctypes.c_long(key))  # pkey_free
+    libc.syscall(ctypes.c_long(numbers[1]), ctypes.c_long(key))
     return "yes"
 
 
