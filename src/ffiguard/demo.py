@@ -7,6 +7,8 @@ them would kill this process.
 
 import ctypes
 import os
+import platform
+import signal
 import sys
 import tempfile
 from typing import Callable, List, NamedTuple, Optional, TextIO
@@ -39,6 +41,8 @@ def _library():
     lib.ffg_read_past_eof.restype = ctypes.c_int
     lib.ffg_illegal_instruction.restype = None
     lib.ffg_divide.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.ffg_raise.argtypes = [ctypes.c_int]
+    lib.ffg_raise.restype = ctypes.c_int
     lib.ffg_divide.restype = ctypes.c_int
     lib.ffg_abort.restype = None
     lib.ffg_assert_positive.argtypes = [ctypes.c_int]
@@ -59,6 +63,9 @@ def _read_past_eof(lib):
         return where.value  # not reached when the fault is caught
 
 
+_DIVISION_TRAPS = platform.machine() not in ("aarch64", "arm64")
+
+
 def faults(lib) -> List[Fault]:
     return [
         Fault("NULL read", "ffg_read_null()", ffiguard.SegmentationFault, "SEGV_MAPERR",
@@ -72,8 +79,13 @@ def faults(lib) -> List[Fault]:
               ffiguard.BusError, "BUS_ADRERR", lambda: _read_past_eof(lib)),
         Fault("illegal instruction", "ffg_illegal_instruction()", ffiguard.IllegalInstruction,
               "ILL_ILLOPN", lambda: lib.ffg_illegal_instruction()),
+        # AArch64's division by zero does not trap (it gives 0): there the SIGFPE case is
+        # the library raising it, as a runtime that checks for zero does.
         Fault("integer divide by zero", "ffg_divide(1, 0)", ffiguard.ArithmeticFault,
-              "FPE_INTDIV", lambda: lib.ffg_divide(1, 0)),
+              "FPE_INTDIV", lambda: lib.ffg_divide(1, 0)) if _DIVISION_TRAPS else
+        Fault("SIGFPE raised by the library (AArch64: division does not trap)",
+              "raise(SIGFPE)", ffiguard.ArithmeticFault, "SI_TKILL",
+              lambda: lib.ffg_raise(signal.SIGFPE)),
         Fault("abort()", "ffg_abort()", ffiguard.ForeignAbort, "SI_TKILL",
               lambda: lib.ffg_abort()),
         Fault("failed assert()", "ffg_assert_positive(0)", ffiguard.ForeignAbort, "SI_TKILL",

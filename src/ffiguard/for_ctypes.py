@@ -23,8 +23,8 @@ _stubs = {}  # target address -> stub address, so a function is stubbed once
 def _check_supported():
     if not _core.SUPPORTED:
         raise UnsupportedPlatform(
-            "ffiguard has no guard for %s on %s yet (supported: Linux x86-64); foreign calls "
-            "would run unprotected, so ffiguard refuses them" % (platform.machine(), sys.platform))
+            "ffiguard has no guard for %s on %s yet (supported: Linux x86-64 and AArch64); "
+            "foreign calls would run unprotected, so ffiguard refuses them" % (platform.machine(), sys.platform))
 
 
 def _stub_for(target):
