@@ -39,6 +39,18 @@ def test_functions_are_guarded_function_objects(crashers):
     assert crashers.ffg_noop.restype is c_int
 
 
+def test_guarded_function_equals_and_hashes_as_its_function(crashers):
+    g = crashers.ffg_add
+    other = ffiguard.guard(g.__wrapped__)  # a second wrapper of the same function object
+    assert other is not g
+    assert g == g.__wrapped__ and g.__wrapped__ == g and g == other and not (g != other)
+    assert hash(g) == hash(other)  # ctypes' own function objects are unhashable
+    assert {g: 1}[other] == 1
+    assert g != crashers.ffg_noop and g != "ffg_add" and g != None  # noqa: E711
+    with pytest.raises(TypeError):
+        g < other
+
+
 def test_attribute_forwarding(crashers):
     g = crashers.ffg_add
     assert list(g.argtypes) == [c_int, c_int]

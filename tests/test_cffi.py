@@ -105,6 +105,15 @@ def check(e, signum, code_name, function, symbol=None):
         assert same_file(e.library, CRASHERS_PATH), e.library
 
 
+def test_addressof_and_equality(ffi, lib):
+    f = lib.ffg_add
+    pointer = ffi.addressof(lib, "ffg_add")  # the pointer the guarded function calls
+    assert str(ffi.typeof(pointer)) == "<ctype 'int(*)(int, int)'>"
+    assert pointer == f and f == pointer and hash(pointer) == hash(f)
+    assert pointer(40, 2) == 42  # through the stub: unguarded, same function
+    assert f == lib.ffg_add and f != lib.ffg_noop
+
+
 # ---------------------------------------------------------------- faults (ABI mode)
 
 

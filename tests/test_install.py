@@ -381,8 +381,11 @@ def test_cffi_ffi_methods_accept_guarded_objects(installed):
     address = ffi.addressof(lib, "ffg_add")
     assert str(ffi.typeof(address)) == "<ctype 'int(*)(int, int)'>"
     assert address(40, 2) == 42
+    assert address == add and add == address and hash(address) == hash(add)
     unguarded = ffi.cast("int(*)(int, int)", add)  # a pointer to the stub: runs unguarded
     assert unguarded(1, 2) == 3
+    assert unguarded == add
+    assert ffi.addressof(lib, "ffg_add") != ffi.addressof(lib, "ffg_read_null")
     lib_ref = weakref.ref(lib)
     del lib
     import gc

@@ -122,6 +122,9 @@ def _guarding_methods(original):
         return dlclose(self, _unwrap(lib))
 
     def guarded_addressof(self, cdata, *fields):
+        if isinstance(cdata, for_cffi.GuardedLibrary) and fields:
+            lib = cdata.__wrapped__
+            return cdata._ffiguard_addressof(lambda *a: addressof(self, lib, *a), *fields)
         return addressof(self, _unwrap(cdata), *fields)
 
     def guarded_typeof(self, cdecl):

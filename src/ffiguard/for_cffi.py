@@ -175,10 +175,21 @@ class GuardedLibrary:
     def __dir__(self):
         return dir(self.__dict__["__wrapped__"])
 
-    def __addressof__(self, *name_and_fields):
+    def __addressof__(self, name, *fields):
         """cffi.FFI.addressof(guarded, name) looks for this on in-line libraries."""
         lib = self.__dict__["__wrapped__"]
-        return type(lib).__addressof__(lib, *name_and_fields)
+        return self._ffiguard_addressof(lambda *a: type(lib).__addressof__(lib, *a),
+                                        name, *fields)
+
+    def _ffiguard_addressof(self, addressof, name, *fields):
+        """ffi.addressof(guarded, name): of a function, the pointer its guarded function
+        calls (the stub's address, as ctypes.cast(f, c_void_p) gives for ctypes), so
+        that it compares equal to lib.f; anything else: `addressof` of the library."""
+        if not fields and isinstance(name, str):
+            value = getattr(self, name, None)
+            if isinstance(value, _core.GuardedFunction):
+                return value.__wrapped__
+        return addressof(name, *fields)
 
     def __cffi_close__(self):
         lib = self.__dict__["__wrapped__"]

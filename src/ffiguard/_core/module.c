@@ -350,6 +350,35 @@ static PyObject *gf_repr(GuardedFunction *self)
     return PyUnicode_FromFormat("<ffiguard.GuardedFunction %R wrapping %R>", self->name, self->wrapped);
 }
 
+static PyTypeObject GuardedFunction_Type;
+
+/* A guarded function is the function it wraps, for == and hashing: lib.f == lib.f
+ * across lookups, a cffi pointer cast from it (the stub's address) == it, and it finds
+ * the same dict entries. Other comparisons: not defined, as for the wrapped object. */
+static PyObject *gf_richcompare(PyObject *op, PyObject *other, int cmp)
+{
+    if (cmp != Py_EQ && cmp != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    if (PyObject_TypeCheck(other, &GuardedFunction_Type))
+        other = ((GuardedFunction *)other)->wrapped;
+    return PyObject_RichCompare(((GuardedFunction *)op)->wrapped, other, cmp);
+}
+
+static Py_hash_t gf_hash(PyObject *op)
+{
+    /* cffi's cdata hash by address; ctypes' function objects are unhashable but compare
+     * by identity, so hash those by identity (a guarded function stays usable as a key). */
+    PyObject *wrapped = ((GuardedFunction *)op)->wrapped;
+    Py_hash_t h = PyObject_Hash(wrapped);
+    if (h == -1 && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        h = (Py_hash_t)((uintptr_t)wrapped >> 4);
+        if (h == -1)
+            h = -2;
+    }
+    return h;
+}
+
 static PyObject *gf_get_wrapped(GuardedFunction *self, void *closure)
 {
     (void)closure;
@@ -396,6 +425,8 @@ static PyTypeObject GuardedFunction_Type = {
     .tp_getattro = gf_getattro,
     .tp_setattro = gf_setattro,
     .tp_repr = (reprfunc)gf_repr,
+    .tp_richcompare = gf_richcompare,
+    .tp_hash = gf_hash,
     .tp_getset = gf_getset,
 };
 
