@@ -13,7 +13,7 @@ import sys
 
 from . import _core
 from .faults import UnsupportedPlatform
-from .policy import ON_FAULT
+from .policy import check_on_fault
 
 __all__ = ["CDLL", "cdll", "guard"]
 
@@ -24,7 +24,8 @@ def _check_supported():
     if not _core.SUPPORTED:
         raise UnsupportedPlatform(
             "ffiguard has no guard for %s on %s yet (supported: Linux x86-64 and AArch64); "
-            "foreign calls would run unprotected, so ffiguard refuses them" % (platform.machine(), sys.platform))
+            "foreign calls would run unprotected, so ffiguard refuses them"
+            % (platform.machine(), sys.platform))
 
 
 def _stub_for(target):
@@ -71,8 +72,8 @@ def guard(func, name=None, policy=None):
 
 def make_policy(name, on_fault):
     """The shared _core.Policy for a library; on_fault=None follows the global default."""
-    if on_fault is not None and on_fault not in ON_FAULT:
-        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), on_fault))
+    if on_fault is not None:
+        check_on_fault(on_fault)
     return _core.Policy(name, on_fault)
 
 

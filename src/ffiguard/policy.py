@@ -36,13 +36,18 @@ _suspect = 0
 _lock = threading.Lock()
 
 
+def check_on_fault(on_fault):
+    """on_fault itself if it is one of ON_FAULT; else a ValueError naming them."""
+    if on_fault not in ON_FAULT:
+        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), on_fault))
+    return on_fault
+
+
 def set_default_policy(on_fault="raise"):
     """Set the global on_fault ("raise", "quarantine" or "exit"), used by every library
     whose own on_fault is None; returns the previous one."""
     global _default
-    if on_fault not in ON_FAULT:
-        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), on_fault))
-    previous, _default = _default, on_fault
+    previous, _default = _default, check_on_fault(on_fault)
     return previous
 
 

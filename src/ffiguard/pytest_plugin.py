@@ -27,6 +27,8 @@ import re
 
 import pytest
 
+from ffiguard import run  # imported only once the plugin is asked for (see above)
+
 SECTION = "ffiguard native report"
 PROPERTY = "ffiguard_fault"
 PLUGIN_NAME = "ffiguard-session"
@@ -38,7 +40,6 @@ def activate(config, namespace):
     if config.pluginmanager.has_plugin(PLUGIN_NAME):
         return
     import ffiguard
-    from ffiguard import run
 
     signals = getattr(namespace, "ffiguard_signals", None)
     on_fault = getattr(namespace, "ffiguard_on_fault", None)
@@ -71,7 +72,7 @@ class _Session:
         fault = _fault_of(call)
         if fault is not None:
             report = outcome.get_result()
-            report.sections.append((SECTION, _report_text(fault)))
+            report.sections.append((SECTION, run.report_text(fault)))
             report.user_properties.append((PROPERTY, fault.signal.name))
 
     def pytest_exception_interact(self, node, call, report):
@@ -80,7 +81,7 @@ class _Session:
         if getattr(report, "when", None) == "collect":
             fault = _fault_of(call)
             if fault is not None:
-                report.sections.append((SECTION, _report_text(fault)))
+                report.sections.append((SECTION, run.report_text(fault)))
 
     def pytest_collectreport(self, report):
         for title, text in report.sections:
@@ -119,18 +120,7 @@ class _Session:
 
 
 def _fault_of(call):
-    if call.excinfo is None:
-        return None
-    from ffiguard.run import find_fault
-
-    return find_fault(call.excinfo.value)
-
-
-def _report_text(fault):
-    try:
-        return fault.report()
-    except Exception as e:  # the report is best effort; the failure stands
-        return "%s: %s\n(the full report failed: %r)" % (type(fault).__name__, fault, e)
+    return None if call.excinfo is None else run.find_fault(call.excinfo.value)
 
 
 def _by_signal(names):

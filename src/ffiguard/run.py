@@ -79,14 +79,6 @@ def activate(signals=None, on_fault=None, install=True):
     return ffiguard
 
 
-def _check_on_fault(value):
-    from ffiguard.policy import ON_FAULT
-
-    if value not in ON_FAULT:
-        raise ValueError("on_fault must be one of %s, not %r" % (", ".join(ON_FAULT), value))
-    return value
-
-
 def activate_from_environment(environ=None):
     """Switch guarding on if FFIGUARD is set to something other than ""/0/no/false/off,
     with FFIGUARD_SIGNALS and FFIGUARD_ON_FAULT as the options. Returns True if it did.
@@ -96,7 +88,8 @@ def activate_from_environment(environ=None):
         return False
     on_fault = env.get("FFIGUARD_ON_FAULT") or None
     if on_fault is not None:
-        _check_on_fault(on_fault)
+        from ffiguard.policy import check_on_fault
+        check_on_fault(on_fault)
     activate(signals=env.get("FFIGUARD_SIGNALS") or None, on_fault=on_fault)
     _install_report_hook()
     return True
@@ -135,11 +128,17 @@ def find_fault(exc):
     return None
 
 
-def _write_report(fault, trailer):
+def report_text(fault):
+    """fault.report(), or, should making it fail, the one-line message and why: the
+    report is best effort, the failure it explains stands anyway."""
     try:
-        text = fault.report()
-    except Exception as e:  # best effort: the traceback was printed already
-        text = "%s: %s\n(the full report failed: %r)\n" % (type(fault).__name__, fault, e)
+        return fault.report()
+    except Exception as e:
+        return "%s: %s\n(the full report failed: %r)\n" % (type(fault).__name__, fault, e)
+
+
+def _write_report(fault, trailer):
+    text = report_text(fault)
     try:
         sys.stderr.write("\n" + text.rstrip("\n") + "\n" + trailer)
         sys.stderr.flush()
@@ -350,7 +349,8 @@ def main(argv):
     try:
         opts, kind, target, args = parse(argv)
         if opts["on_fault"] is not None:
-            _check_on_fault(opts["on_fault"])
+            from ffiguard.policy import check_on_fault
+            check_on_fault(opts["on_fault"])
         if opts["signals"] is not None:
             from ffiguard import signals as _signals
 

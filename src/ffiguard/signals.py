@@ -25,6 +25,11 @@ def install():
     _core.install([int(s) for s in TRAPPED])
 
 
+def _check_trappable(sig, shown):
+    if sig not in ALL:
+        raise ValueError("ffiguard traps %s; not %s" % (", ".join(s.name for s in ALL), shown))
+
+
 def parse(spec):
     """Signals from a comma-separated spec: "SEGV,BUS", "SIGSEGV", "11", "all", "none"."""
     spec = spec.strip()
@@ -40,9 +45,7 @@ def parse(spec):
                 word if word.startswith("SIG") else "SIG" + word]
         except (KeyError, ValueError):
             sig = None
-        if sig not in ALL:
-            raise ValueError("ffiguard traps %s; not %r" % (
-                ", ".join(s.name for s in ALL), word))
+        _check_trappable(sig, repr(word))
         if sig not in chosen:
             chosen.append(sig)
     return tuple(sorted(chosen))
@@ -58,9 +61,7 @@ def select(signals):
     chosen = parse(signals) if isinstance(signals, str) else tuple(
         sorted(signal.Signals(s) for s in set(signals)))
     for s in chosen:
-        if s not in ALL:
-            raise ValueError("ffiguard traps %s; not %s" % (
-                ", ".join(x.name for x in ALL), s.name))
+        _check_trappable(s, s.name)
     for s in ALL:
         if s not in chosen:
             _core.untrap(int(s))
