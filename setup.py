@@ -20,8 +20,11 @@ ARCH_FILES = {
 machine = platform.machine().lower()
 core_sources = [
     "src/ffiguard/_core/module.c",
+    "src/ffiguard/_core/guarded.c",
+    "src/ffiguard/_core/policy.c",
     "src/ffiguard/_core/state.c",
     "src/ffiguard/_core/handler.c",
+    "src/ffiguard/_core/chain.c",
     "src/ffiguard/_core/stubs.c",
 ]
 core_macros = []
@@ -67,7 +70,7 @@ setup(
             sources=core_sources,
             define_macros=core_macros,
             # Headers: rebuilt when they change, and shipped in an sdist.
-            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/arch/x86_64.h",
+            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/core.h", "src/ffiguard/_core/arch/x86_64.h",
                      "src/ffiguard/_core/arch/aarch64.h", "src/ffiguard/_core/arch/none.h"],
             extra_compile_args=WARN + ["-fno-strict-aliasing"] + ALIGN + ARCH_FLAGS + OURS,
             libraries=["dl"],

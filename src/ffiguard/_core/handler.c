@@ -28,40 +28,11 @@
 #include <unistd.h>
 #include <unwind.h>
 
-#define NSIGNALS 65
-
-static struct sigaction previous[NSIGNALS]; /* what was installed before us, kept current */
-static volatile sig_atomic_t trapped[NSIGNALS];
-static uint64_t recovered[NSIGNALS]; /* atomic counters */
+static uint64_t recovered[FFG_NSIGNALS]; /* atomic counters */
 /* Whether the last recorded SIGSEGV/SIGBUS with an address had its access kind in the
  * saved context: always on x86-64 (page-fault error code); on AArch64 only with an ESR
  * record, which qemu-user never writes. -1 before the first such fault. */
 static int access_in_context = -1;
-
-/* Chaining bookkeeping, for every thread (also those without guard state). */
-static __thread int chaining __attribute__((tls_model("initial-exec")));
-static __thread struct {
-    int signo;
-    uintptr_t pc, address;
-    uint64_t returned_ns; /* when the previous handler last returned for it */
-    unsigned repeats;     /* the same fault again, each soon after that return */
-} last_chained __attribute__((tls_model("initial-exec")));
-
-/* A previous handler that returns for the same fault this many times in a row, each
- * time within STALE_WINDOW_NS, is taken to be doing nothing (faulthandler's handler
- * once faulthandler is disabled behind our back, e.g. at interpreter exit): the fault
- * then takes the default action instead of looping forever. A handler that really
- * repairs a fault (a GC's write barrier) re-faults at the same place only as often as
- * the program makes it. */
-#define STALE_REPEATS 10000
-#define STALE_WINDOW_NS 1000000
-
-static uint64_t monotonic_ns(void) /* clock_gettime is async-signal-safe */
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static int in_thunk(uintptr_t pc)
 {
@@ -183,63 +154,7 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
 }
 
-/* Let the default action happen: for a fault, returning re-runs the instruction, which
- * faults again; a sent signal (abort's raise) is sent again. */
-static void die(int signo, const siginfo_t *si)
-{
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    sigemptyset(&dfl.sa_mask);
-    sigaction(signo, &dfl, NULL);
-    if (si->si_code <= 0)
-        raise(signo);
-}
-
-/* Not ours: behave as the previous handler would have. It is called as the kernel
- * would call it (its mask, this signal blocked unless it asked for SA_NODEFER). A
- * handler that re-raises (faulthandler does) ends in the default action; so does one
- * that keeps returning without acting (see STALE_REPEATS): never an endless loop. */
-static void chain(int signo, siginfo_t *si, ucontext_t *uc)
-{
-    struct sigaction prev = previous[signo];
-    uintptr_t pc = ffg_uc_pc(uc), address = (uintptr_t)si->si_addr;
-    int same = last_chained.signo == signo && last_chained.pc == pc && last_chained.address == address;
-    if (same && monotonic_ns() - last_chained.returned_ns < STALE_WINDOW_NS)
-        last_chained.repeats++;
-    else
-        last_chained.repeats = 0;
-
-    if (chaining || last_chained.repeats >= STALE_REPEATS || prev.sa_handler == SIG_DFL) {
-        die(signo, si);
-        return;
-    }
-    if (prev.sa_handler == SIG_IGN) {
-        if (si->si_code > 0) /* an ignored fault would only fault again */
-            die(signo, si);
-        return;
-    }
-    last_chained.signo = signo;
-    last_chained.pc = pc;
-    last_chained.address = address;
-
-    sigset_t mask = prev.sa_mask, saved, pending;
-    if (!(prev.sa_flags & SA_NODEFER))
-        sigaddset(&mask, signo);
-    pthread_sigmask(SIG_BLOCK, &mask, &saved);
-    chaining = 1;
-    if (prev.sa_flags & SA_SIGINFO)
-        prev.sa_sigaction(signo, si, uc);
-    else
-        prev.sa_handler(signo);
-    chaining = 0;
-    last_chained.returned_ns = monotonic_ns();
-    if (sigpending(&pending) == 0 && sigismember(&pending, signo))
-        die(signo, si); /* it re-raised: let that one take the default action */
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-}
-
-static void on_signal(int signo, siginfo_t *si, void *context)
+void ffg_on_signal(int signo, siginfo_t *si, void *context)
 {
     int saved_errno = errno;
     ucontext_t *uc = context;
@@ -250,104 +165,29 @@ static void on_signal(int signo, siginfo_t *si, void *context)
 
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
-    struct ffg_frame *f = (chaining || !trapped[signo]) ? NULL : guarded_frame(t, si, uc);
+    struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
         ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_recover);
         /* sigreturn restores this mask: never leave a trapped signal blocked. */
-        for (int s = 1; s < NSIGNALS; s++)
-            if (trapped[s])
+        for (int s = 1; s < FFG_NSIGNALS; s++)
+            if (ffg_trapped[s])
                 sigdelset(&uc->uc_sigmask, s);
     } else {
-        chain(signo, si, uc);
+        ffg_chain(signo, si, uc);
     }
     errno = saved_errno;
 }
 
-/* ---- installing (normal context) --------------------------------------------------- */
-
-static void ours(struct sigaction *sa)
-{
-    memset(sa, 0, sizeof *sa);
-    sa->sa_sigaction = on_signal;
-    sa->sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
-    sigemptyset(&sa->sa_mask);
-}
-
-int ffg_handlers_install(const int *signals, int n)
-{
-    struct sigaction sa, old;
-    ours(&sa);
-    for (int i = 0; i < n; i++) {
-        int s = signals[i];
-        if (s <= 0 || s >= NSIGNALS) {
-            errno = EINVAL;
-            return -1;
-        }
-        if (sigaction(s, &sa, &old) != 0)
-            return -1;
-        if (old.sa_sigaction != on_signal)
-            previous[s] = old;
-        trapped[s] = 1;
-    }
-    return 0;
-}
-
-/* Stop trapping a signal: put back what was installed before us if ours is on top;
- * if another handler has replaced ours since, it keeps chaining to us and we pass the
- * signal on. */
-int ffg_handlers_untrap(int s)
-{
-    struct sigaction cur;
-    if (s <= 0 || s >= NSIGNALS) {
-        errno = EINVAL;
-        return -1;
-    }
-    if (!trapped[s])
-        return 0;
-    trapped[s] = 0;
-    if (sigaction(s, NULL, &cur) == 0 && cur.sa_sigaction == on_signal)
-        return sigaction(s, &previous[s], NULL);
-    return 0;
-}
-
-/* Put our handler back on top of whatever replaced it, chaining to that. Returns how
- * many signals needed it. */
-int ffg_handlers_refresh(void)
-{
-    struct sigaction sa, cur;
-    int changed = 0;
-    ours(&sa);
-    for (int s = 1; s < NSIGNALS; s++) {
-        if (!trapped[s] || sigaction(s, NULL, &cur) != 0 || cur.sa_sigaction == on_signal)
-            continue;
-        previous[s] = cur;
-        sigaction(s, &sa, NULL);
-        changed++;
-    }
-    return changed;
-}
-
-int ffg_is_trapped(int signo) { return signo > 0 && signo < NSIGNALS && trapped[signo]; }
-
 uint64_t ffg_recovered_count(int signo)
 {
-    if (signo > 0 && signo < NSIGNALS)
+    if (signo > 0 && signo < FFG_NSIGNALS)
         return __atomic_load_n(&recovered[signo], __ATOMIC_RELAXED);
     uint64_t total = 0;
-    for (int s = 1; s < NSIGNALS; s++)
+    for (int s = 1; s < FFG_NSIGNALS; s++)
         total += __atomic_load_n(&recovered[s], __ATOMIC_RELAXED);
     return total;
 }
-
-size_t ffg_prev_snapshot(void *buf, size_t size)
-{
-    if (buf && size >= sizeof previous)
-        memcpy(buf, previous, sizeof previous);
-    return sizeof previous;
-}
-
-void ffg_prev_restore(const void *buf) { memcpy(previous, buf, sizeof previous); }
 
 int ffg_access_in_context(void) { return __atomic_load_n(&access_in_context, __ATOMIC_RELAXED); }

@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <ucontext.h>
 
 /* One header per architecture: the guard frame and the signal-context fields. */
 #if defined(FFG_NO_ARCH)
@@ -77,15 +78,23 @@ extern __thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exe
 struct ffg_thread *ffg_thread_attach(void); /* normal context; NULL + errno on failure */
 int ffg_state_init(void);
 
-/* handler.c */
+#define FFG_NSIGNALS 65 /* signal numbers 1..64 */
+
+/* handler.c: the handler itself, and what it counts */
+void ffg_on_signal(int signo, siginfo_t *si, void *context);
+uint64_t ffg_recovered_count(int signo); /* signo 0: all */
+int ffg_access_in_context(void);         /* -1 no fault yet, 0/1: see handler.c */
+
+/* chain.c: the previous handlers, and installing ours */
+extern volatile sig_atomic_t ffg_trapped[FFG_NSIGNALS];
+void ffg_chain(int signo, siginfo_t *si, ucontext_t *uc); /* a signal that is not ours */
+int ffg_chain_busy(void); /* this thread is inside a previous handler called by ffg_chain */
 int ffg_handlers_install(const int *signals, int n); /* -1 + errno on failure */
 int ffg_handlers_untrap(int signo);               /* -1 + errno on failure */
 int ffg_handlers_refresh(void);
 int ffg_is_trapped(int signo);
-uint64_t ffg_recovered_count(int signo); /* signo 0: all */
 size_t ffg_prev_snapshot(void *buf, size_t size);
 void ffg_prev_restore(const void *buf);
-int ffg_access_in_context(void); /* -1 no fault yet, 0/1: see handler.c */
 
 /* stubs.c */
 uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */

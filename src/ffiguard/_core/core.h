@@ -1,0 +1,49 @@
+/* What the C files behind the Python objects share: the two types, the objects set
+ * at import, and small compatibility helpers. Normal context only (Python API). */
+#ifndef FFG_CORE_H
+#define FFG_CORE_H
+
+#define PY_SSIZE_T_CLEAN
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <Python.h>
+
+#include "state.h"
+
+#if PY_VERSION_HEX < 0x030A0000
+#define Py_TPFLAGS_FFG_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
+static inline PyObject *Py_NewRef(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+static inline PyObject *Py_XNewRef(PyObject *o)
+{
+    Py_XINCREF(o);
+    return o;
+}
+#else
+#define Py_TPFLAGS_FFG_VECTORCALL Py_TPFLAGS_HAVE_VECTORCALL
+#endif
+
+/* What happens to a library's functions after one of them faulted: shared by all the
+ * functions of a library, tested on every call (one load and a branch). */
+typedef struct {
+    PyObject_HEAD
+    int quarantined; /* further calls raise LibraryQuarantined until released */
+    PyObject *on_fault; /* "raise", "quarantine" or "exit": read by the Python layer */
+    PyObject *name;     /* the library's name, for messages */
+} ffg_Policy;
+
+/* policy.c */
+extern PyTypeObject ffg_Policy_Type;
+extern PyObject *ffg_quarantine_error; /* ffiguard.LibraryQuarantined, set at import */
+
+/* guarded.c */
+extern PyTypeObject ffg_GuardedFunction_Type;
+extern PyObject *ffg_fault_factory; /* ffiguard.faults.from_record, set at import */
+extern const char *const ffg_access_names[];
+PyObject *ffg_describe(uintptr_t pc); /* (path, base, symbol, symbol address) or None */
+
+#endif

@@ -1,0 +1,327 @@
+/* ffiguard.GuardedFunction: what users call, the hot path of every guarded call.
+ *
+ * It forwards to the wrapped ctypes (or cffi) function object after arming this
+ * thread's guard, and afterwards tests the thread's fault record (one TLS load and a
+ * compare) before returning: no Python frame, no errcheck, on the path of every call.
+ */
+#include "core.h"
+
+#include <dlfcn.h>
+#include <link.h>
+
+PyObject *ffg_fault_factory;
+const char *const ffg_access_names[] = {NULL, "read", "write", "execute"};
+
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *wrapped; /* the ctypes function object */
+    PyObject *name;    /* str, for reports */
+    ffg_Policy *policy; /* or NULL */
+    uintptr_t target;  /* the foreign function its stub calls: what arming names */
+    vectorcallfunc vectorcall;
+} GuardedFunction;
+
+static struct ffg_thread *ffg_thread_state(void)
+{
+    struct ffg_thread *t = ffg_tls;
+    if (t)
+        return t;
+    t = ffg_thread_attach();
+    if (!t)
+        PyErr_SetFromErrno(PyExc_OSError);
+    return t;
+}
+
+
+/* The fault record as a tuple, cheap to make (the fault path is measured): (signal,
+ * code, address or None, pc, sp, access or None, stack_overflow, frames as native
+ * uint64 bytes, registers as native uint64 bytes, ffg_describe(pc)); faults.py names
+ * these positions (REC_*), the only place that reads them.
+ * ffiguard.faults turns it into the exception and decodes the rest only when asked.
+ * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
+static PyObject *ffg_fault_as_tuple(const struct ffg_fault *r)
+{
+    PyObject *address = r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None);
+    if (!address)
+        return NULL;
+    PyObject *where = ffg_describe(r->pc);
+    if (!where) {
+        Py_DECREF(address);
+        return NULL;
+    }
+    return Py_BuildValue("(iiNKKzOy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
+                         (unsigned long long)r->sp,
+                         ffg_access_names[r->access], r->stack_overflow ? Py_True : Py_False,
+                         (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
+                         (const char *)r->regs, (Py_ssize_t)sizeof r->regs, where);
+}
+
+/* Turn this thread's pending fault into the exception, consuming the record. Whatever
+ * the call produced meanwhile (a zero result, or an exception from restype conversion
+ * or errcheck) is dropped; such an exception becomes the new one's __context__. */
+static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObject *result,
+                             PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    struct ffg_fault copy = t->fault;
+    t->fault.token = 0;
+    Py_XDECREF(result);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type) {
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb)
+            PyException_SetTraceback(value, tb);
+    }
+    PyObject *record = ffg_fault_as_tuple(&copy);
+    PyObject *call_args = PyTuple_New((Py_ssize_t)(PyVectorcall_NARGS(nargsf) +
+                                                   (kwnames ? PyTuple_GET_SIZE(kwnames) : 0)));
+    if (call_args)
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_args); i++)
+            PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
+    PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
+    PyObject *exc = record && call_args && ffg_fault_factory
+                        ? PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
+                                                       kwnames ? kwnames : Py_None, policy, NULL)
+                        : NULL;
+    Py_XDECREF(record);
+    Py_XDECREF(call_args);
+    if (!exc && !PyErr_Occurred())
+        PyErr_SetString(PyExc_SystemError, "ffiguard: fault factory not set");
+    if (exc) {
+        if (value)
+            PyException_SetContext(exc, Py_NewRef(value));
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return NULL;
+}
+
+/* Call the ctypes function. ctypes function objects have tp_call but no vectorcall, so
+ * PyObject_Vectorcall would go through _PyObject_MakeTpCall (thread state lookup,
+ * recursion check, result check: measured at ~2x our own cost per call). Positional
+ * calls go to tp_call directly; the interpreter already checked recursion on the way
+ * into this call, and ctypes' tp_call sets an exception whenever it returns NULL. */
+static inline PyObject *ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    ternaryfunc call = Py_TYPE(wrapped)->tp_call;
+    if (__builtin_expect(kwnames != NULL || call == NULL, 0))
+        return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *tuple = PyTuple_New(n);
+    if (!tuple)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    PyObject *result = call(wrapped, tuple, NULL);
+    Py_DECREF(tuple);
+    return result;
+}
+
+static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    GuardedFunction *self = (GuardedFunction *)op;
+    if (__builtin_expect(self->policy && self->policy->quarantined, 0))
+        return PyErr_Format(ffg_quarantine_error, "%S is quarantined after a fault: %S not called "
+                            "(release the library to call it again)", self->policy->name, self->name);
+    struct ffg_thread *t = ffg_tls;
+    if (__builtin_expect(t == NULL, 0) && !(t = ffg_thread_state()))
+        return NULL;
+    uintptr_t outer = t->armed; /* a GuardedFunction called during argument conversion */
+    uint64_t outer_token = t->armed_token;
+    uint64_t token = ++t->next_token;
+    t->armed_token = token;
+    t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
+    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
+    t->armed = outer;
+    t->armed_token = outer_token;
+    if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
+        return ffg_raise_fault(self, t, result, args, nargsf, kwnames);
+    return result;
+}
+
+static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"function", "name", "policy", "target", NULL};
+    PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target))
+        return NULL;
+    uintptr_t target_address = 0;
+    if (target && target != Py_None) {
+        target_address = (uintptr_t)PyLong_AsVoidPtr(target);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    if (policy == Py_None)
+        policy = NULL;
+    if (policy && !PyObject_TypeCheck(policy, &ffg_Policy_Type)) {
+        PyErr_SetString(PyExc_TypeError, "policy must be an ffiguard._core.Policy");
+        return NULL;
+    }
+    if (!PyCallable_Check(wrapped)) {
+        PyErr_Format(PyExc_TypeError, "GuardedFunction needs a callable ctypes function, not %.200s",
+                     Py_TYPE(wrapped)->tp_name);
+        return NULL;
+    }
+    GuardedFunction *self = (GuardedFunction *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->wrapped = Py_NewRef(wrapped);
+    self->policy = (ffg_Policy *)Py_XNewRef(policy);
+    self->target = target_address;
+    self->name = name && name != Py_None ? Py_NewRef(name) : PyObject_GetAttrString(wrapped, "__name__");
+    if (!self->name) {
+        PyErr_Clear();
+        self->name = Py_NewRef(Py_None);
+    }
+    self->vectorcall = ffg_gf_vectorcall;
+    return (PyObject *)self;
+}
+
+static int ffg_gf_traverse(GuardedFunction *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->wrapped);
+    Py_VISIT(self->name);
+    Py_VISIT(self->policy);
+    return 0;
+}
+
+static int ffg_gf_clear(GuardedFunction *self)
+{
+    Py_CLEAR(self->wrapped);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->policy);
+    return 0;
+}
+
+static void ffg_gf_dealloc(GuardedFunction *self)
+{
+    PyObject_GC_UnTrack(self);
+    ffg_gf_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Our own attributes first (__wrapped__, _as_parameter_, __class__ ...), then the
+ * ctypes function's: argtypes, restype, errcheck, __name__. */
+static PyObject *ffg_gf_getattro(PyObject *op, PyObject *name)
+{
+    PyObject *v = PyObject_GenericGetAttr(op, name);
+    if (v || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return v;
+    PyErr_Clear();
+    return PyObject_GetAttr(((GuardedFunction *)op)->wrapped, name);
+}
+
+static int ffg_gf_setattro(PyObject *op, PyObject *name, PyObject *value)
+{
+    return PyObject_SetAttr(((GuardedFunction *)op)->wrapped, name, value);
+}
+
+static PyObject *ffg_gf_repr(GuardedFunction *self)
+{
+    return PyUnicode_FromFormat("<ffiguard.GuardedFunction %R wrapping %R>", self->name, self->wrapped);
+}
+
+
+/* A guarded function is the function it wraps, for == and hashing: lib.f == lib.f
+ * across lookups, a cffi pointer cast from it (the stub's address) == it, and it finds
+ * the same dict entries. Other comparisons: not defined, as for the wrapped object. */
+static PyObject *ffg_gf_richcompare(PyObject *op, PyObject *other, int cmp)
+{
+    if (cmp != Py_EQ && cmp != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    if (PyObject_TypeCheck(other, &ffg_GuardedFunction_Type))
+        other = ((GuardedFunction *)other)->wrapped;
+    return PyObject_RichCompare(((GuardedFunction *)op)->wrapped, other, cmp);
+}
+
+static Py_hash_t ffg_gf_hash(PyObject *op)
+{
+    /* cffi's cdata hash by address; ctypes' function objects are unhashable but compare
+     * by identity, so hash those by identity (a guarded function stays usable as a key). */
+    PyObject *wrapped = ((GuardedFunction *)op)->wrapped;
+    Py_hash_t h = PyObject_Hash(wrapped);
+    if (h == -1 && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        h = (Py_hash_t)((uintptr_t)wrapped >> 4);
+        if (h == -1)
+            h = -2;
+    }
+    return h;
+}
+
+static PyObject *ffg_gf_get_wrapped(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->wrapped);
+}
+
+static PyObject *ffg_gf_get_name(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->name);
+}
+
+static PyObject *ffg_gf_get_policy(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->policy ? (PyObject *)self->policy : Py_None);
+}
+
+static PyGetSetDef ffg_gf_getset[] = {
+    {"__policy__", (getter)ffg_gf_get_policy, NULL, "the library's fault policy, or None", NULL},
+    {"__wrapped__", (getter)ffg_gf_get_wrapped, NULL, "the ctypes function object called", NULL},
+    {"_as_parameter_", (getter)ffg_gf_get_wrapped, NULL,
+     "lets ctypes accept a GuardedFunction wherever it accepts the function itself", NULL},
+    {"__guarded_name__", (getter)ffg_gf_get_name, NULL, "the name used in fault reports", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject ffg_GuardedFunction_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ffiguard.GuardedFunction",
+    .tp_doc = PyDoc_STR("GuardedFunction(function, name=None, policy=None, target=None)\n--\n\n"
+                        "A ctypes function whose faults raise ffiguard.ForeignFault instead of "
+                        "killing the process.\n`function` must already call a guard stub for `target` "
+                        "(ffiguard.guard() arranges both).\nAttributes (argtypes, restype, errcheck, "
+                        "...) are those of the wrapped function."),
+    .tp_basicsize = sizeof(GuardedFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_FFG_VECTORCALL,
+    .tp_new = ffg_gf_new,
+    .tp_dealloc = (destructor)ffg_gf_dealloc,
+    .tp_traverse = (traverseproc)ffg_gf_traverse,
+    .tp_clear = (inquiry)ffg_gf_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(GuardedFunction, vectorcall),
+    .tp_getattro = ffg_gf_getattro,
+    .tp_setattro = ffg_gf_setattro,
+    .tp_repr = (reprfunc)ffg_gf_repr,
+    .tp_richcompare = ffg_gf_richcompare,
+    .tp_hash = ffg_gf_hash,
+    .tp_getset = ffg_gf_getset,
+};
+
+
+/* (object path, object base, symbol or None, symbol address or 0) for pc, or None.
+ * A symbol is named only when pc lies inside it (its size says so): dladdr alone names
+ * the nearest exported symbol below pc, which for an unexported function is wrong. */
+PyObject *ffg_describe(uintptr_t pc)
+{
+    Dl_info info;
+    const ElfW(Sym) *sym = NULL;
+    if (!pc || !dladdr1((void *)pc, &info, (void **)&sym, RTLD_DL_SYMENT) || !info.dli_fname)
+        Py_RETURN_NONE;
+    uintptr_t start = (uintptr_t)info.dli_saddr;
+    if (!info.dli_sname || !sym || pc >= start + (sym->st_size ? sym->st_size : 1)) {
+        info.dli_sname = NULL;
+        start = 0;
+    }
+    return Py_BuildValue("(sKzK)", info.dli_fname, (unsigned long long)(uintptr_t)info.dli_fbase,
+                         info.dli_sname, (unsigned long long)start);
+}
+
