@@ -9,11 +9,13 @@
 #include <Python.h>
 
 #include <assert.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default"), noinline))
@@ -104,6 +106,20 @@ FAULTY int ffg_call_null(void)
 
 FAULTY int ffg_raise(int signum) { return raise(signum); }
 
+/* Blocks `signum` in this thread (as a library guarding a critical section might),
+ * then reads address 0. */
+FAULTY int ffg_block_and_fault(int signum)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signum);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    return ffg_read_at(0);
+}
+
+/* Calls back into the host, then reads the address the callback returned. */
+FAULTY int ffg_call_then_read(uintptr_t (*cb)(void)) { return ffg_read_at(cb()); }
+
 /* ---- well-behaved functions -------------------------------------------------- */
 
 EXPORT void ffg_noop(void) {}
@@ -115,6 +131,20 @@ EXPORT int ffg_fill(int *out, int value)
 {
     *out = value;
     return 1;
+}
+
+/* Busy for `ms` milliseconds of wall time, in foreign code (no system call but the
+ * clock's, which is a vDSO call). */
+EXPORT int ffg_spin_ms(int ms)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long spins = 0;
+    do {
+        spins++;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    } while ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 < ms);
+    return spins > 0;
 }
 
 /* Calls back into the host: returns cb(x) + 1. */
