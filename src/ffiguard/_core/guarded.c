@@ -131,11 +131,31 @@ static PyObject *ffg_too_deep(GuardedFunction *self)
  * directly, with a dict for keyword arguments; the interpreter already checked
  * recursion on the way into this call, and ctypes' tp_call sets an exception whenever
  * it returns NULL. */
-static inline PyObject *ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf,
-                                         PyObject *kwnames)
+static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames) __attribute__((noinline, cold));
+
+static inline __attribute__((always_inline)) PyObject *
+ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     ternaryfunc call = Py_TYPE(wrapped)->tp_call;
-    if (__builtin_expect(call == NULL, 0))
+    if (__builtin_expect(kwnames != NULL || call == NULL, 0))
+        return ffg_call_with_keywords(wrapped, args, nargsf, kwnames);
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *tuple = PyTuple_New(n);
+    if (!tuple)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    PyObject *result = call(wrapped, tuple, NULL);
+    Py_DECREF(tuple);
+    return result;
+}
+
+static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames)
+{
+    ternaryfunc call = Py_TYPE(wrapped)->tp_call;
+    if (call == NULL)
         return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     PyObject *tuple = PyTuple_New(n);
@@ -143,18 +163,11 @@ static inline PyObject *ffg_call_wrapped(PyObject *wrapped, PyObject *const *arg
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++)
         PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
-    PyObject *kwargs = NULL;
-    if (__builtin_expect(kwnames != NULL, 0)) {
-        kwargs = PyDict_New();
-        for (Py_ssize_t i = 0; kwargs && i < PyTuple_GET_SIZE(kwnames); i++)
-            if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0)
-                Py_CLEAR(kwargs);
-        if (!kwargs) {
-            Py_DECREF(tuple);
-            return NULL;
-        }
-    }
-    PyObject *result = call(wrapped, tuple, kwargs);
+    PyObject *kwargs = PyDict_New();
+    for (Py_ssize_t i = 0; kwargs && i < PyTuple_GET_SIZE(kwnames); i++)
+        if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0)
+            Py_CLEAR(kwargs);
+    PyObject *result = kwargs ? call(wrapped, tuple, kwargs) : NULL;
     Py_DECREF(tuple);
     Py_XDECREF(kwargs);
     return result;
@@ -176,8 +189,9 @@ static inline PyObject *ffg_gf_finish(GuardedFunction *self, struct ffg_thread *
 /* A GuardedFunction called while another one is armed: from argument conversion (a
  * from_param or _as_parameter_ running Python code) between the outer call's arming and
  * its foreign call. The outer arm is put back afterwards. */
-static PyObject *ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args,
-                                    size_t nargsf, PyObject *kwnames)
+static __attribute__((noinline, cold)) PyObject *
+ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
+                   PyObject *kwnames)
 {
     uintptr_t outer = t->armed;
     uint64_t outer_token = t->armed_token;
