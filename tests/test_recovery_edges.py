@@ -58,6 +58,28 @@ def test_unguarded_fault_inside_a_callback_is_not_the_guarded_calls(run_python, 
     assert rc == -SEGV, (rc, err)
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason=(
+    "3.14+ counts C recursion by stack address, not in the thread state: a callback whose "
+    "callable is itself a C function (no Python frame) is not told apart there; "
+    "docs/design.md, 'The fault path', states this gap"))
+def test_unguarded_c_callable_as_the_callback_is_not_the_guarded_calls(run_python):
+    """The callback's callable is an unguarded ctypes function object itself: no Python
+    frame is pushed, but calling it moved the interpreter's C recursion counter."""
+    rc, out, err = run_python("""
+import ffiguard
+lib = setup_signatures(ffiguard.CDLL(CRASHERS_PATH))
+plain = setup_signatures(ctypes.CDLL(CRASHERS_PATH))
+callback = CALLBACK(plain.ffg_read_at)      # called with 1: reads address 1
+print("calling", flush=True)
+try:
+    lib.ffg_call_callback(callback, 1)
+except ffiguard.ForeignFault as e:
+    print("recovered into the outer call:", e, flush=True)
+""")
+    assert out == "calling\n", (out, err)
+    assert rc == -SEGV, (rc, err)
+
+
 def test_guarded_fault_inside_a_callback_is_the_inner_calls(crashers):
     """The same callback making a *guarded* call: the inner call's fault is raised in
     the callback, the outer call goes on and returns normally."""
