@@ -5,6 +5,7 @@
  * compare) before returning: no Python frame, no errcheck, on the path of every call.
  */
 #include "core.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <dlfcn.h>
 #include <link.h>
@@ -20,6 +21,7 @@ typedef struct {
     ffg_Policy *policy; /* or NULL */
     uintptr_t target;  /* the foreign function its stub calls: what arming names */
     vectorcallfunc vectorcall;
+    int shield; /* shield (issue 13): lock shielded memory during its calls (default 1) */
 } GuardedFunction;
 
 static struct ffg_thread *ffg_thread_state(void)
@@ -133,12 +135,19 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
         return NULL;
     uintptr_t outer = t->armed; /* a GuardedFunction called during argument conversion */
     uint64_t outer_token = t->armed_token;
-    uint64_t token = ++t->next_token;
+    /* shield (issue 13, shield.c): protection keys: the token's top bit makes the thunk
+     * lock PKRU; the fallback: mprotect the regions around the call. */
+    int shield = self->shield ? __atomic_load_n(&ffg_shield_mode, __ATOMIC_RELAXED) : FFG_SHIELD_OFF;
+    if (__builtin_expect(shield == FFG_SHIELD_FALLBACK, 0) && ffg_shield_fallback_lock() < 0)
+        return NULL;
+    uint64_t token = ++t->next_token | (shield == FFG_SHIELD_PKEYS ? FFG_SHIELD_TOKEN_BIT : 0);
     t->armed_token = token;
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = outer;
     t->armed_token = outer_token;
+    if (__builtin_expect(shield == FFG_SHIELD_FALLBACK, 0))
+        ffg_shield_fallback_unlock(); /* shield */
     if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
         return ffg_raise_fault(self, t, result, args, nargsf, kwnames);
     return result;
@@ -146,10 +155,11 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"function", "name", "policy", "target", NULL};
+    static char *kwlist[] = {"function", "name", "policy", "target", "shield", NULL};
     PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:GuardedFunction", kwlist, &wrapped, &name,
-                                     &policy, &target))
+    int shield = 1; /* shield (issue 13) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOp:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target, &shield))
         return NULL;
     uintptr_t target_address = 0;
     if (target && target != Py_None) {
@@ -180,6 +190,7 @@ static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->name = Py_NewRef(Py_None);
     }
     self->vectorcall = ffg_gf_vectorcall;
+    self->shield = shield; /* shield (issue 13) */
     return (PyObject *)self;
 }
 
@@ -273,7 +284,14 @@ static PyObject *ffg_gf_get_policy(GuardedFunction *self, void *closure)
     return Py_NewRef(self->policy ? (PyObject *)self->policy : Py_None);
 }
 
+static PyObject *ffg_gf_get_shield(GuardedFunction *self, void *closure) /* shield (issue 13) */
+{
+    (void)closure;
+    return PyBool_FromLong(self->shield);
+}
+
 static PyGetSetDef ffg_gf_getset[] = {
+    {"__shield__", (getter)ffg_gf_get_shield, NULL, "whether its calls lock shielded memory", NULL},
     {"__policy__", (getter)ffg_gf_get_policy, NULL, "the library's fault policy, or None", NULL},
     {"__wrapped__", (getter)ffg_gf_get_wrapped, NULL, "the ctypes function object called", NULL},
     {"_as_parameter_", (getter)ffg_gf_get_wrapped, NULL,

@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include "state.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <errno.h>
 #include <pthread.h>
@@ -165,16 +166,23 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
 
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
+    /* shield (issue 13): shielded memory touched outside guarded foreign code is opened
+     * for the toucher (in the saved context) and the access runs again. */
+    if (ffg_shield_fixup(signo, si, uc, guarded_frame(t, si, uc) != NULL)) {
+        errno = saved_errno;
+        return;
+    }
     struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
-        ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_recover);
+        ffg_uc_recover(uc, f, ffg_shield_resume(f)); /* shield: its own return path restores PKRU */
         /* sigreturn restores this mask: never leave a trapped signal blocked. */
         for (int s = 1; s < FFG_NSIGNALS; s++)
             if (ffg_trapped[s])
                 sigdelset(&uc->uc_sigmask, s);
     } else {
+        ffg_shield_before_chain(); /* shield: open ffiguard's keys for the previous handler */
         ffg_chain(signo, si, uc);
     }
     errno = saved_errno;
