@@ -58,6 +58,7 @@ SIGNATURES = {
     "ffg_add": ([_I, _I], _I),
     "ffg_fill": ([ctypes.POINTER(_I), _I], _I),
     "ffg_call_callback": ([CALLBACK, _I], _I),
+    "ffg_call_then_write": ([CALLBACK, _UP, _I], None),
     "ffg_mix12": ([_I] * 8 + [_D] * 4, _D),
     "ffg_vsum": (None, _L),
     "ffg_vsumd": (None, _D),

@@ -152,10 +152,13 @@ int ffg_shield_fallback_lock(void)
 {
     int rc = 0;
     pthread_mutex_lock(&ffg_shield_lock);
-    if (ffg_shield_fallback_depth++ == 0) {
+    int first = ffg_shield_fallback_depth++ == 0;
+    {
+        /* The first call locks every region; a nested or concurrent one those made
+         * read-write meanwhile (by the handler, or a callback's shield_open). */
         for (int i = 0; i < FFG_SHIELD_MAX_REGIONS; i++) {
             struct ffg_shield_region *r = &ffg_shield_regions[i];
-            if (!r->used)
+            if (!r->used || !(first || __atomic_load_n(&r->lifted, __ATOMIC_RELAXED)))
                 continue;
             __atomic_store_n(&r->lifted, 0, __ATOMIC_RELAXED);
             if (mprotect((void *)r->start, r->length, ffg_shield_locked_prot(r->access)) != 0)
@@ -406,8 +409,33 @@ static PyObject *ffg_shield_m_pkru(PyObject *m, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-/* shield_open() -> the previous PKRU (or None): opens ffiguard's keys in this thread,
- * for a callback's duration (ffiguard.shield.callback) */
+/* The fallback, for a callback inside shielded calls: every region read-write (open) or
+ * locked again (relock), while shielded calls run. */
+static int ffg_shield_fallback_set(int relock)
+{
+    int changed = 0;
+    pthread_mutex_lock(&ffg_shield_lock);
+    if (ffg_shield_fallback_depth > 0) {
+        for (int i = 0; i < FFG_SHIELD_MAX_REGIONS; i++) {
+            struct ffg_shield_region *r = &ffg_shield_regions[i];
+            if (!r->used)
+                continue;
+            __atomic_store_n(&r->lifted, !relock, __ATOMIC_RELAXED);
+            mprotect((void *)r->start, r->length,
+                     relock ? ffg_shield_locked_prot(r->access) : PROT_READ | PROT_WRITE);
+        }
+        changed = 1;
+    }
+    pthread_mutex_unlock(&ffg_shield_lock);
+    return changed;
+}
+
+#define FFG_SHIELD_FALLBACK_OPENED (-1) /* shield_open's answer under the fallback */
+
+/* shield_open() -> what to give shield_restore: opens ffiguard's keys in this thread
+ * (protection keys: returns the previous PKRU), or makes the regions read-write while
+ * shielded calls run (fallback: -1, or None when there was nothing to open); for a
+ * callback's duration (ffiguard.shield.callback) */
 static PyObject *ffg_shield_m_open(PyObject *m, PyObject *noargs)
 {
     (void)m, (void)noargs;
@@ -418,19 +446,26 @@ static PyObject *ffg_shield_m_open(PyObject *m, PyObject *noargs)
         return PyLong_FromUnsignedLong(before);
     }
 #endif
+    if (__atomic_load_n(&ffg_shield_mechanism, __ATOMIC_RELAXED) == FFG_SHIELD_FALLBACK &&
+        ffg_shield_fallback_set(0))
+        return PyLong_FromLong(FFG_SHIELD_FALLBACK_OPENED);
     Py_RETURN_NONE;
 }
 
-/* shield_restore(pkru or None): put back what shield_open returned; only ffiguard's
- * keys' bits are taken from it */
+/* shield_restore(what shield_open returned): protection keys: ffiguard's keys' bits
+ * from it back in PKRU; fallback: the regions locked again if shielded calls still run */
 static PyObject *ffg_shield_m_restore(PyObject *m, PyObject *value)
 {
     (void)m;
     if (value == Py_None)
         Py_RETURN_NONE;
-    unsigned long v = PyLong_AsUnsignedLong(value);
-    if (v == (unsigned long)-1 && PyErr_Occurred())
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred())
         return NULL;
+    if (v == FFG_SHIELD_FALLBACK_OPENED) {
+        ffg_shield_fallback_set(1);
+        Py_RETURN_NONE;
+    }
 #ifdef FFG_ARCH_HAS_PKEYS
     if (ffg_shield_have_pkeys()) {
         uint32_t ours = __atomic_load_n(&ffg_shield_ours, __ATOMIC_ACQUIRE);

@@ -120,6 +120,13 @@ EXPORT int ffg_fill(int *out, int value)
 /* Calls back into the host: returns cb(x) + 1. */
 EXPORT int ffg_call_callback(int (*cb)(int), int x) { return cb(x) + 1; }
 
+/* shield: a write after a callback returned (is the memory locked again?) */
+FAULTY void ffg_call_then_write(int (*cb)(int), uintptr_t address, int value)
+{
+    cb(0);
+    ffg_write_at(address, value);
+}
+
 /* Eight ints (two of them on the stack on x86-64) and four doubles, each weighted
  * differently so that a misplaced argument changes the result. */
 EXPORT double ffg_mix12(int a, int b, int c, int d, int e, int f, int g, int h,

@@ -73,6 +73,7 @@ def _span(buffer):
         # A mapping always covers its last page whole: the rest of it is the mmap's too.
         length = -(-size // PAGE) * PAGE
     if start % PAGE or length % PAGE:
+        del pin  # the error's traceback must not keep the buffer exported
         first = -(-start // PAGE) * PAGE
         last = (start + length) // PAGE * PAGE
         inside = ("the whole pages inside it are 0x%x-0x%x" % (first, last) if last > first
