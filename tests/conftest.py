@@ -59,6 +59,7 @@ SIGNATURES = {
     "ffg_fill": ([ctypes.POINTER(_I), _I], _I),
     "ffg_call_callback": ([CALLBACK, _I], _I),
     "ffg_call_then_write": ([CALLBACK, _UP, _I], None),
+    "ffg_install_reader_handler": ([_UP], _I),
     "ffg_mix12": ([_I] * 8 + [_D] * 4, _D),
     "ffg_vsum": (None, _L),
     "ffg_vsumd": (None, _D),
