@@ -387,3 +387,14 @@ def test_previous_handler_reads_shielded_memory(run_python):
     '''
     rc, out, err = run_python(code)
     assert (rc, out) == (3, "=k\n"), (rc, out, err)
+
+
+def test_doctor_says_which_mechanism():
+    from ffiguard.__main__ import doctor_lines
+
+    lines = [line for line in doctor_lines() if line.startswith("shield:")]
+    assert lines == ["shield:          " + mechanism()[1]]
+    if PKEYS:
+        assert lines[0].startswith("shield:          protection keys: pkey_alloc works")
+    else:
+        assert lines[0].startswith("shield:          mprotect fallback: ")

@@ -137,10 +137,15 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
     uint64_t outer_token = t->armed_token;
     /* shield (issue 13, shield.c): protection keys: the token's top bit makes the thunk
      * lock PKRU; the fallback: mprotect the regions around the call. */
-    int shield = self->shield ? __atomic_load_n(&ffg_shield_mode, __ATOMIC_RELAXED) : FFG_SHIELD_OFF;
-    if (__builtin_expect(shield == FFG_SHIELD_FALLBACK, 0) && ffg_shield_fallback_lock() < 0)
-        return NULL;
-    uint64_t token = ++t->next_token | (shield == FFG_SHIELD_PKEYS ? FFG_SHIELD_TOKEN_BIT : 0);
+    uint64_t token = ++t->next_token;
+    int shield = __atomic_load_n(&ffg_shield_mode, __ATOMIC_RELAXED); /* OFF: nothing shielded */
+    if (__builtin_expect(shield != FFG_SHIELD_OFF, 0)) {
+        shield = self->shield ? shield : FFG_SHIELD_OFF;
+        if (shield == FFG_SHIELD_PKEYS)
+            token |= FFG_SHIELD_TOKEN_BIT;
+        else if (shield == FFG_SHIELD_FALLBACK && ffg_shield_fallback_lock() < 0)
+            return NULL;
+    }
     t->armed_token = token;
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);

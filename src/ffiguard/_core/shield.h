@@ -19,7 +19,7 @@
  * with one compare; tokens are a per-thread counter and never reach it). */
 #define FFG_SHIELD_TOKEN_BIT ((uint64_t)1 << 63)
 
-extern int ffg_shield_mode; /* read with a relaxed atomic load */
+extern int ffg_shield_mode __attribute__((visibility("hidden"))); /* relaxed atomic loads */
 
 /* gf_vectorcall, mprotect fallback: lock before the call (0, or -1 with a Python
  * exception), unlock after. Normal context. */
