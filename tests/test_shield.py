@@ -118,6 +118,14 @@ def test_unshield_and_shield_false(crashers, shielded_buf):
     assert shielded_buf[8] == 9
     with pytest.raises(ffiguard.ProtectionKeyViolation):
         crashers.ffg_write_at(target, 1)
+    cffi = pytest.importorskip("cffi")
+    ffi = cffi.FFI()
+    ffi.cdef("void ffg_write_at(size_t address, int value);")
+    glib = ffiguard.guard(ffi, ffi.dlopen(ffiguard.crashers_path()))
+    with pytest.raises(ffiguard.ProtectionKeyViolation):  # cffi: shielded by default
+        glib.ffg_write_at(target, 1)
+    ffiguard.guard(glib.ffg_write_at, shield=False)(target, 13)  # per function
+    assert shielded_buf[8] == 13
     ffiguard.unshield(shielded_buf)
     crashers.ffg_write_at(target, 11)
     assert shielded_buf[8] == 11
