@@ -343,6 +343,23 @@ def test_pkuerr_outside_guarded_call_not_swallowed(run_python):
     assert rc == -11 and out == "touching\n", (rc, out, err)
 
 
+def test_other_fault_on_shielded_page_not_swallowed(run_python):
+    """Host code faulting on a shielded page for another reason (here: the page made
+    read-only by the host itself) dies as without ffiguard, under either mechanism."""
+    code = r'''
+    import ffiguard
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ffiguard.protected_buffer(4096)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(addr), 4096, 1) == 0      # PROT_READ, by the host
+    sys.stdout.write("touching\n"); sys.stdout.flush()
+    buf[0] = 1
+    print("survived")
+    '''
+    rc, out, err = run_python(code)
+    assert rc == -11 and out == "touching\n", (rc, out, err)
+
+
 def test_shielded_call_makes_no_system_call(run_python):
     """With protection keys a shielded call costs no system call, whatever the size
     shielded (checked with a seccomp filter that kills on any system call but write and

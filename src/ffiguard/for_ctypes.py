@@ -49,6 +49,17 @@ def _retarget(func):
     return target
 
 
+def _target_of(wrapped):
+    """The foreign function a guarded ctypes function object or cffi pointer calls (it
+    already points at its stub)."""
+    if isinstance(wrapped, ctypes._CFuncPtr):
+        stub = ctypes.c_void_p.from_address(ctypes.addressof(wrapped)).value
+    else:  # a cffi function pointer
+        from .for_cffi import _UINTPTR, _backend
+        stub = int(_backend.cast(_UINTPTR, wrapped))
+    return _core.stub_target(stub)
+
+
 def guard(func, name=None, policy=None, shield=None):
     """Return a GuardedFunction that calls the ctypes function object `func`.
 
@@ -63,9 +74,7 @@ def guard(func, name=None, policy=None, shield=None):
         if shield is None or bool(shield) == func.__shield__:
             return func
         return _core.GuardedFunction(func.__wrapped__, func.__guarded_name__, func.__policy__,
-                                     _core.stub_target(ctypes.c_void_p.from_address(
-                                         ctypes.addressof(func.__wrapped__)).value),
-                                     bool(shield))
+                                     _target_of(func.__wrapped__), bool(shield))
     if not isinstance(func, ctypes._CFuncPtr):
         raise TypeError("guard() takes a ctypes function object (from a CDLL, or a CFUNCTYPE "
                         "prototype), not %s" % type(func).__name__)

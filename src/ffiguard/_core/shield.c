@@ -235,8 +235,11 @@ int ffg_shield_fixup(int signo, siginfo_t *si, ucontext_t *uc, int foreign)
 #else
     (void)uc;
 #endif
-    /* The fallback: a locked region touched outside guarded foreign code. */
-    if (si->si_code != SEGV_ACCERR || foreign)
+    /* The fallback: a locked region touched outside guarded foreign code. Locked only
+     * while shielded calls run: otherwise the protection is not ours (the host's own
+     * mprotect), and the fault is passed on. */
+    if (si->si_code != SEGV_ACCERR || foreign ||
+        __atomic_load_n(&ffg_shield_fallback_depth, __ATOMIC_RELAXED) <= 0)
         return 0;
     struct ffg_shield_region *r = (struct ffg_shield_region *)ffg_shield_region_at((uintptr_t)si->si_addr);
     if (!r)
