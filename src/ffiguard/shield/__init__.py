@@ -167,9 +167,10 @@ def _classify(record):
         return _core.shield_fault_pkey()
     address = record[_faults.REC_ADDRESS]
     if address is not None:
-        for region in list(_regions.values()):
-            if region.start <= address < region.start + region.length:
-                return region.pkey
+        with _lock:  # no GIL to rely on (free-threaded builds)
+            for region in _regions.values():
+                if region.start <= address < region.start + region.length:
+                    return region.pkey
     return False
 
 
