@@ -7,6 +7,7 @@ FFIGUARD_EXPECT_PKU=1 is set, and every test fails (not skips) if the keys are m
 import ctypes
 import mmap
 import os
+import platform
 import threading
 
 import pytest
@@ -364,8 +365,10 @@ def test_shielded_call_makes_no_system_call(run_python):
     """With protection keys a shielded call costs no system call, whatever the size
     shielded (checked with a seccomp filter that kills on any system call but write and
     exit_group); the mprotect fallback makes two per region and call (killed: SIGSYS)."""
+    write_nr, exit_group_nr = {"x86_64": (1, 231), "aarch64": (64, 94)}[platform.machine()]
     code = r'''
     import ffiguard, mmap, struct
+    WRITE_NR, EXIT_GROUP_NR = %d, %d
     lib = ffiguard.CDLL(CRASHERS_PATH); setup_signatures(lib)
     regions = [ffiguard.protected_buffer(1 << 20), ffiguard.shield(mmap.mmap(-1, 64 << 20)),
                ffiguard.shield(mmap.mmap(-1, 1 << 30), access="none")]
@@ -374,7 +377,7 @@ def test_shielded_call_makes_no_system_call(run_python):
     libc = ctypes.CDLL(None, use_errno=True)
     BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
     ALLOW, KILL = 0x7fff0000, 0x80000000
-    insns = [(BPF_LD_W_ABS, 0, 0, 0), (BPF_JEQ_K, 2, 0, 1), (BPF_JEQ_K, 1, 0, 231),
+    insns = [(BPF_LD_W_ABS, 0, 0, 0), (BPF_JEQ_K, 2, 0, WRITE_NR), (BPF_JEQ_K, 1, 0, EXIT_GROUP_NR),
              (BPF_RET_K, 0, 0, KILL), (BPF_RET_K, 0, 0, ALLOW)]
     prog_bytes = b"".join(struct.pack("HBBI", *i) for i in insns)
     filt = ctypes.create_string_buffer(prog_bytes)
@@ -386,9 +389,9 @@ def test_shielded_call_makes_no_system_call(run_python):
     total = 0
     for i in range(1000):
         total += lib.ffg_add(i, 1)
-    os.write(1, b"%d calls, no system call\n" % total)
+    os.write(1, b"%%d calls, no system call\n" %% total)
     os._exit(0)
-    '''
+    ''' % (write_nr, exit_group_nr)
     rc, out, err = run_python(code, timeout=120)
     if PKEYS:
         assert (rc, out) == (0, "500500 calls, no system call\n"), err

@@ -60,10 +60,12 @@ static struct ffg_shield_region ffg_shield_regions[FFG_SHIELD_MAX_REGIONS];
 static pthread_mutex_t ffg_shield_lock = PTHREAD_MUTEX_INITIALIZER;
 static int ffg_shield_nregions;              /* under ffg_shield_lock */
 static int ffg_shield_mechanism = -1;        /* -1 unknown, else FFG_SHIELD_PKEYS/FALLBACK */
+#ifdef FFG_ARCH_HAS_PKEYS
 static int ffg_shield_key_ro = FFG_NO_KEY;   /* pkey of "read-only" regions */
 static int ffg_shield_key_none = FFG_NO_KEY; /* pkey of "none" regions */
 static uint32_t ffg_shield_ours;             /* both PKRU bits of both keys */
 static uint32_t ffg_shield_pkru_offset;      /* PKRU in the signal frame's XSAVE area */
+#endif
 static int ffg_shield_fallback_depth;        /* fallback: shielded calls running; under lock */
 static uint64_t ffg_shield_opened;           /* handler: keys opened for a thread (atomic) */
 static uint64_t ffg_shield_lifted_count;     /* handler: fallback regions lifted (atomic) */
@@ -396,10 +398,12 @@ static PyObject *ffg_shield_m_remove(PyObject *m, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#ifdef FFG_ARCH_HAS_PKEYS
 static int ffg_shield_have_pkeys(void)
 {
     return __atomic_load_n(&ffg_shield_mechanism, __ATOMIC_RELAXED) == FFG_SHIELD_PKEYS;
 }
+#endif
 
 /* shield_pkru() -> this thread's PKRU, or None without protection keys */
 static PyObject *ffg_shield_m_pkru(PyObject *m, PyObject *noargs)
