@@ -164,14 +164,14 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
     if (t && t->unwinding)
         siglongjmp(t->unwind_escape, 1); /* our own unwinder faulted: see capture_pcs */
 
-    /* An untrapped signal still reaches us while another handler installed on top of
-     * ours chains to us: pass it on. */
     /* shield (issue 13): shielded memory touched outside guarded foreign code is opened
      * for the toucher (in the saved context) and the access runs again. */
     if (ffg_shield_fixup(signo, si, uc, guarded_frame(t, si, uc) != NULL)) {
         errno = saved_errno;
         return;
     }
+    /* An untrapped signal still reaches us while another handler installed on top of
+     * ours chains to us: pass it on. */
     struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
