@@ -6,6 +6,7 @@
  */
 #include "core.h"
 #include "pyhost.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <dlfcn.h>
 #include <link.h>
@@ -21,6 +22,7 @@ typedef struct {
     ffg_Policy *policy; /* or NULL */
     uintptr_t target;  /* the foreign function its stub calls: what arming names */
     vectorcallfunc vectorcall;
+    int shield; /* shield (issue 13): lock shielded memory during its calls (default 1) */
 } GuardedFunction;
 
 static struct ffg_thread *ffg_thread_state(void)
@@ -186,6 +188,29 @@ static inline PyObject *ffg_gf_finish(GuardedFunction *self, struct ffg_thread *
     return result;
 }
 
+/* shield (issue 13, shield.c): how this call locks shielded memory. Protection keys: the
+ * token's top bit makes the thunk lock PKRU around the foreign call; the fallback:
+ * mprotect the regions around it. FFG_SHIELD_OFF when nothing is shielded (one load and
+ * a branch), -1 with an exception set. */
+static inline int ffg_gf_shield_begin(GuardedFunction *self, uint64_t *token)
+{
+    int shield = __atomic_load_n(&ffg_shield_mode, __ATOMIC_RELAXED);
+    if (__builtin_expect(shield != FFG_SHIELD_OFF, 0)) {
+        shield = self->shield ? shield : FFG_SHIELD_OFF;
+        if (shield == FFG_SHIELD_PKEYS)
+            *token |= FFG_SHIELD_TOKEN_BIT;
+        else if (shield == FFG_SHIELD_FALLBACK && ffg_shield_fallback_lock() < 0)
+            return -1;
+    }
+    return shield;
+}
+
+static inline void ffg_gf_shield_end(int shield)
+{
+    if (__builtin_expect(shield == FFG_SHIELD_FALLBACK, 0))
+        ffg_shield_fallback_unlock();
+}
+
 /* A GuardedFunction called while another one is armed: from argument conversion (a
  * from_param or _as_parameter_ running Python code) between the outer call's arming and
  * its foreign call. The outer arm is put back afterwards. */
@@ -197,6 +222,9 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
     uint64_t outer_token = t->armed_token;
     struct ffg_host outer_host = t->armed_host;
     uint64_t token = ++t->next_token;
+    int shield = ffg_gf_shield_begin(self, &token);
+    if (shield < 0)
+        return NULL;
     t->armed_token = token;
     ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target;
@@ -204,6 +232,7 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
     t->armed = outer;
     t->armed_token = outer_token;
     t->armed_host = outer_host;
+    ffg_gf_shield_end(shield);
     return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
 
@@ -221,20 +250,25 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
     if (__builtin_expect(t->armed != 0, 0))
         return ffg_gf_call_nested(self, t, args, nargsf, kwnames);
     uint64_t token = ++t->next_token;
+    int shield = ffg_gf_shield_begin(self, &token);
+    if (__builtin_expect(shield < 0, 0))
+        return NULL;
     t->armed_token = token;
     ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = 0;
+    ffg_gf_shield_end(shield);
     return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"function", "name", "policy", "target", NULL};
+    static char *kwlist[] = {"function", "name", "policy", "target", "shield", NULL};
     PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:GuardedFunction", kwlist, &wrapped, &name,
-                                     &policy, &target))
+    int shield = 1; /* shield (issue 13) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOp:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target, &shield))
         return NULL;
     uintptr_t target_address = 0;
     if (target && target != Py_None) {
@@ -270,6 +304,7 @@ static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->name = Py_NewRef(Py_None);
     }
     self->vectorcall = ffg_gf_vectorcall;
+    self->shield = shield; /* shield (issue 13) */
     return (PyObject *)self;
 }
 
@@ -363,7 +398,14 @@ static PyObject *ffg_gf_get_policy(GuardedFunction *self, void *closure)
     return Py_NewRef(self->policy ? (PyObject *)self->policy : Py_None);
 }
 
+static PyObject *ffg_gf_get_shield(GuardedFunction *self, void *closure) /* shield (issue 13) */
+{
+    (void)closure;
+    return PyBool_FromLong(self->shield);
+}
+
 static PyGetSetDef ffg_gf_getset[] = {
+    {"__shield__", (getter)ffg_gf_get_shield, NULL, "whether its calls lock shielded memory", NULL},
     {"__policy__", (getter)ffg_gf_get_policy, NULL, "the library's fault policy, or None", NULL},
     {"__wrapped__", (getter)ffg_gf_get_wrapped, NULL, "the ctypes function object called", NULL},
     {"_as_parameter_", (getter)ffg_gf_get_wrapped, NULL,

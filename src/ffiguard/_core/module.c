@@ -1,6 +1,7 @@
 /* ffiguard._core: the module's functions and its initialisation. The types live in
  * guarded.c and policy.c; the signal handlers in handler.c and chain.c. */
 #include "core.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <errno.h>
 #include <stddef.h>
@@ -294,6 +295,7 @@ PyMODINIT_FUNC PyInit__core(void)
 #else
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
+        PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
         PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0) {
         Py_DECREF(m);
         return NULL;
