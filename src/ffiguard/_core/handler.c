@@ -165,7 +165,7 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
 
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
-    struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
+    struct ffg_frame *f = (ffg_chain_busy(uc) || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
     if (f) {
         record(t, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
