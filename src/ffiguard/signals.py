@@ -63,7 +63,8 @@ def select(signals):
 
     A signal no longer trapped gets back the handler installed before ffiguard's (or
     its default action): a fault of that kind in a guarded call then kills the process
-    as it would without ffiguard."""
+    as it would without ffiguard. A chosen signal whose handler is still in the chain
+    keeps its place: a handler installed after ffiguard's stays on top."""
     global TRAPPED
     chosen = parse(signals) if isinstance(signals, str) else tuple(
         sorted(signal.Signals(s) for s in set(signals)))
