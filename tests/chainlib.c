@@ -16,7 +16,8 @@
  *             reports itself and returns.
  *   nest_*    a handler that probes memory itself while handling a fault (SA_NODEFER):
  *             it is re-entered, and the inner call escapes with siglongjmp. With
- *             nest_init(1) it does so for any SIGSEGV, and swallows it.
+ *             nest_init(1) it is also the SIGABRT handler, and for any signal but
+ *             a fault on its page it probes, then swallows the signal.
  *   mask_*    a handler that reports which signals are blocked while it runs.
  *
  * Reports are written with write(2) to stderr, from the handlers: async-signal-safe.
@@ -196,7 +197,7 @@ EXPORT int mark_init(void) { return install(SIGABRT, mark_handler, 0, NULL); }
 
 static char *nest_page;
 static size_t nest_size;
-static int nest_any; /* probe while handling any signal, and swallow it */
+static int nest_any; /* probe while handling any other signal, and swallow it */
 static volatile long nest_calls;
 static struct sigaction nest_saved;
 static TLS sigjmp_buf *volatile nest_env; /* set while the handler probes */
@@ -229,6 +230,8 @@ EXPORT int nest_init(int any)
     nest_size = (size_t)sysconf(_SC_PAGESIZE);
     nest_page = mmap(NULL, nest_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (nest_page == MAP_FAILED)
+        return -1;
+    if (any && install(SIGABRT, nest_handler, SA_NODEFER, NULL) != 0)
         return -1;
     return install(SIGSEGV, nest_handler, SA_NODEFER, &nest_saved);
 }
