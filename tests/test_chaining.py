@@ -317,6 +317,30 @@ print([chain.rt_touch(i) for i in range(1, 11)] == list(range(1, 11)), chain.rt_
     assert rc == 0, (rc, err)
 
 
+@pytest.mark.parametrize("how", ["refresh", "select"])
+def test_handler_removed_outright_is_put_back(run_python, how):
+    """SIG_DFL (or SIG_IGN) installed over ffiguard's handler takes nobody's signals away
+    if ffiguard's goes back: refresh() and select() do that, and only that."""
+    put_back = {"refresh": "print('moved', ffiguard.signals.refresh())",
+                "select": "ffiguard.signals.select('all')"}[how]
+    rc, out, err = run_python(f"""
+exec({IMPORT_AND_RECOVER!r})
+print(ffiguard.signals.refresh())
+signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+signal.signal(signal.SIGFPE, signal.SIG_IGN)
+{put_back}
+recover("put back")
+try:
+    lib.ffg_raise(signal.SIGFPE)
+except ffiguard.ArithmeticFault:
+    print("fpe recovered", flush=True)
+print(ffiguard.signals.refresh())
+""", timeout=30)
+    moved = "moved 2\n" if how == "refresh" else ""
+    assert out == f"first recovered\n0\n{moved}put back recovered\nfpe recovered\n0\n", (out, err)
+    assert rc == 0, (rc, err)
+
+
 # ---------------------------------------------------------------- faulthandler
 
 
