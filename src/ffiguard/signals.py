@@ -1,24 +1,31 @@
-"""Which signals are trapped, and keeping our handlers first in line.
+"""Which signals are trapped, and where ffiguard's handler stands among the others.
 
-The handlers are installed when ffiguard is imported. Whatever was installed before
-(faulthandler, a JVM, a Python-level handler) is chained to for every fault that is
-not a guarded foreign call's.
+The handlers are installed when ffiguard is imported, on top of whatever is there
+(faulthandler, a JVM, a Python-level handler): that previous handler gets every signal
+that is not a guarded foreign call's, as the kernel would give it.
 
-faulthandler replaces signal handlers when enabled and puts back what it saved when
-disabled, which would silently take ffiguard out of the chain (pytest enables it for
-every session). So faulthandler.enable/disable are wrapped to put our handlers back on
-top afterwards, chaining to faulthandler while it is enabled.
+A handler installed after ffiguard's (a WebAssembly engine, a JIT, a JVM: runtimes that
+handle faults in code they run) stays on top and is expected to chain to ffiguard's;
+nothing puts ffiguard back on top of it, not refresh(), select() or faulthandler.
+
+faulthandler is the exception: it replaces signal handlers when enabled and puts back
+what it saved when disabled, and it only reports, never handles, a fault. pytest
+enables it for every session. So faulthandler.enable/disable are wrapped: where the
+real call replaced ffiguard's handler, ffiguard's goes back on top, chaining to
+faulthandler while it is enabled and to what came before it once disabled.
+docs/design.md, "Living with other handlers", has the details and the reasons.
 """
 import faulthandler
 import functools
 import signal
+import threading
 
 from . import _core
 
 ALL = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
 TRAPPED = ALL  # what is trapped now: see select()
 
-_before_faulthandler = None  # our chained handlers from before faulthandler.enable()
+_faulthandler_lock = threading.Lock()  # one enable/disable followed at a time
 
 
 def install():
@@ -56,7 +63,8 @@ def select(signals):
 
     A signal no longer trapped gets back the handler installed before ffiguard's (or
     its default action): a fault of that kind in a guarded call then kills the process
-    as it would without ffiguard."""
+    as it would without ffiguard. A chosen signal whose handler is still in the chain
+    keeps its place: a handler installed after ffiguard's stays on top."""
     global TRAPPED
     chosen = parse(signals) if isinstance(signals, str) else tuple(
         sorted(signal.Signals(s) for s in set(signals)))
@@ -71,7 +79,12 @@ def select(signals):
 
 
 def refresh():
-    """Put ffiguard's handlers back on top of any installed since; return how many moved."""
+    """Put ffiguard's handler back where it was taken out outright (SIG_DFL or SIG_IGN
+    installed over it); return how many signals needed it.
+
+    Never on top of another handler: one installed after ffiguard's stays first in line
+    and is expected to chain to it (a runtime handling its own faults would otherwise
+    lose them to ffiguard)."""
     return _core.refresh()
 
 
@@ -80,28 +93,19 @@ def _wrap_faulthandler():
     if getattr(enable, "__ffiguard__", False):
         return
 
-    @functools.wraps(enable)
-    def enable_then_refresh(*args, **kwargs):
-        global _before_faulthandler
-        if _before_faulthandler is None:
-            _before_faulthandler = _core.previous_snapshot()
-        result = enable(*args, **kwargs)
-        _core.refresh()
-        return result
+    def follow(real):
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            with _faulthandler_lock:
+                before = _core.handlers()
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    _core.after_faulthandler(before, faulthandler.is_enabled())
+        wrapper.__ffiguard__ = True
+        return wrapper
 
-    @functools.wraps(disable)
-    def disable_then_refresh(*args, **kwargs):
-        global _before_faulthandler
-        result = disable(*args, **kwargs)
-        if _core.refresh() == 0 and _before_faulthandler is not None:
-            # faulthandler put back what it saved, which was our own handler: chain to
-            # what came before faulthandler, not to faulthandler's now idle handler.
-            _core.previous_restore(_before_faulthandler)
-        _before_faulthandler = None
-        return result
-
-    enable_then_refresh.__ffiguard__ = disable_then_refresh.__ffiguard__ = True
-    faulthandler.enable, faulthandler.disable = enable_then_refresh, disable_then_refresh
+    faulthandler.enable, faulthandler.disable = follow(enable), follow(disable)
 
 
 def _wrap_pthread_sigmask():

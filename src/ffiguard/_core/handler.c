@@ -204,7 +204,9 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
     if (t && t->unwinding)
         siglongjmp(t->unwind_escape, 1); /* our own unwinder faulted: see capture_pcs */
 
-    struct ffg_frame *f = ffg_guarded_frame(t, signo, si, uc);
+    /* A signal while a previous handler we called is running is that handler's business
+     * (chain.c), never a guarded call's. */
+    struct ffg_frame *f = ffg_chain_busy(uc) ? NULL : ffg_guarded_frame(t, signo, si, uc);
     /* shield (issue 13): shielded memory touched outside guarded foreign code is opened
      * for the toucher (in the saved context) and the access runs again. */
     if (ffg_shield_fixup(signo, si, uc, f != NULL)) {
@@ -213,7 +215,7 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
     }
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
-    if (ffg_chain_busy() || !ffg_trapped[signo])
+    if (!ffg_trapped[signo])
         f = NULL;
     struct ffg_fault *r = f ? ffg_free_record(t) : NULL;
     if (r) {

@@ -39,6 +39,29 @@ static PyObject *ffg_m_stub_target(PyObject *mod, PyObject *arg)
     return PyLong_FromVoidPtr((void *)target);
 }
 
+/* A signal number argument: an int in lowest..64, else TypeError (not an integer),
+ * OverflowError (beyond a C long) or ValueError, never a silently truncated number. */
+static int ffg_signal_arg(PyObject *arg, int lowest)
+{
+    PyObject *index = PyNumber_Index(arg);
+    if (!index)
+        return -1;
+    int overflow = 0;
+    long s = PyLong_AsLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (s == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow) {
+        PyErr_Format(PyExc_OverflowError, "signal number out of range (%d..%d)", lowest, FFG_NSIGNALS - 1);
+        return -1;
+    }
+    if (s < lowest || s >= FFG_NSIGNALS) {
+        PyErr_Format(PyExc_ValueError, "signal number %ld out of range (%d..%d)", s, lowest, FFG_NSIGNALS - 1);
+        return -1;
+    }
+    return (int)s;
+}
+
 static PyObject *ffg_m_install(PyObject *mod, PyObject *arg)
 {
     (void)mod;
@@ -46,15 +69,15 @@ static PyObject *ffg_m_install(PyObject *mod, PyObject *arg)
     if (!seq)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    int sigs[64];
-    if (n > 64) {
+    int sigs[FFG_NSIGNALS];
+    if (n >= FFG_NSIGNALS) {
         Py_DECREF(seq);
         PyErr_SetString(PyExc_ValueError, "too many signals");
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        sigs[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (sigs[i] == -1 && PyErr_Occurred()) {
+        sigs[i] = ffg_signal_arg(PySequence_Fast_GET_ITEM(seq, i), 1);
+        if (sigs[i] < 0) {
             Py_DECREF(seq);
             return NULL;
         }
@@ -68,10 +91,10 @@ static PyObject *ffg_m_install(PyObject *mod, PyObject *arg)
 static PyObject *ffg_m_untrap(PyObject *mod, PyObject *arg)
 {
     (void)mod;
-    long s = PyLong_AsLong(arg);
-    if (s == -1 && PyErr_Occurred())
+    int s = ffg_signal_arg(arg, 1);
+    if (s < 0)
         return NULL;
-    if (ffg_handlers_untrap((int)s) != 0)
+    if (ffg_handlers_untrap(s) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -85,19 +108,55 @@ static PyObject *ffg_m_refresh(PyObject *mod, PyObject *unused)
 static PyObject *ffg_m_is_trapped(PyObject *mod, PyObject *arg)
 {
     (void)mod;
-    long s = PyLong_AsLong(arg);
-    if (s == -1 && PyErr_Occurred())
+    int s = ffg_signal_arg(arg, 1);
+    if (s < 0)
         return NULL;
-    return PyBool_FromLong(ffg_is_trapped((int)s));
+    return PyBool_FromLong(ffg_is_trapped(s));
 }
 
 static PyObject *ffg_m_recovered(PyObject *mod, PyObject *arg)
 {
     (void)mod;
-    long s = PyLong_AsLong(arg);
-    if (s == -1 && PyErr_Occurred())
+    int s = ffg_signal_arg(arg, 0); /* 0: all signals */
+    if (s < 0)
         return NULL;
-    return PyLong_FromUnsignedLongLong(ffg_recovered_count((int)s));
+    return PyLong_FromUnsignedLongLong(ffg_recovered_count(s));
+}
+
+/* The handler installed for every signal now, as addresses (index: signal number). */
+static PyObject *ffg_m_handlers(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    PyObject *t = PyTuple_New(FFG_NSIGNALS);
+    for (int s = 0; t && s < FFG_NSIGNALS; s++) {
+        PyObject *v = PyLong_FromSize_t(s ? ffg_handler_now(s) : 0);
+        if (!v) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, s, v);
+    }
+    return t;
+}
+
+static PyObject *ffg_m_after_faulthandler(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *before;
+    int enabled;
+    if (!PyArg_ParseTuple(args, "O!p:after_faulthandler", &PyTuple_Type, &before, &enabled))
+        return NULL;
+    if (PyTuple_GET_SIZE(before) != FFG_NSIGNALS) {
+        PyErr_SetString(PyExc_ValueError, "not a handlers() tuple");
+        return NULL;
+    }
+    uintptr_t was[FFG_NSIGNALS];
+    for (int s = 0; s < FFG_NSIGNALS; s++) {
+        was[s] = (uintptr_t)PyLong_AsSize_t(PyTuple_GET_ITEM(before, s));
+        if (was[s] == (uintptr_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    return PyLong_FromLong(ffg_handlers_after_faulthandler(was, enabled));
 }
 
 static PyObject *ffg_m_access_in_context(PyObject *mod, PyObject *unused)
@@ -133,26 +192,6 @@ static PyObject *ffg_m_decode_access(PyObject *mod, PyObject *args)
 }
 #endif
 
-static PyObject *ffg_m_previous_snapshot(PyObject *mod, PyObject *unused)
-{
-    (void)mod, (void)unused;
-    size_t size = ffg_prev_snapshot(NULL, 0);
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
-    if (b)
-        ffg_prev_snapshot(PyBytes_AS_STRING(b), size);
-    return b;
-}
-
-static PyObject *ffg_m_previous_restore(PyObject *mod, PyObject *arg)
-{
-    (void)mod;
-    if (!PyBytes_Check(arg) || (size_t)PyBytes_GET_SIZE(arg) != ffg_prev_snapshot(NULL, 0)) {
-        PyErr_SetString(PyExc_ValueError, "not a snapshot from previous_snapshot()");
-        return NULL;
-    }
-    ffg_prev_restore(PyBytes_AS_STRING(arg));
-    Py_RETURN_NONE;
-}
 static PyObject *ffg_m_dladdr(PyObject *mod, PyObject *arg)
 {
     (void)mod;
@@ -225,7 +264,8 @@ static PyMethodDef ffg_methods[] = {
     {"stub_target", ffg_m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
     {"install", ffg_m_install, METH_O, "install(signals): trap these signals"},
     {"untrap", ffg_m_untrap, METH_O, "untrap(signal): stop trapping it, put back what was there before"},
-    {"refresh", ffg_m_refresh, METH_NOARGS, "put our handlers back on top; returns how many moved"},
+    {"refresh", ffg_m_refresh, METH_NOARGS,
+     "put our handlers back where they were taken out for SIG_DFL/SIG_IGN; returns how many"},
     {"is_trapped", ffg_m_is_trapped, METH_O, "is_trapped(signum) -> bool"},
     {"recovered", ffg_m_recovered, METH_O, "recovered(signum or 0) -> faults recovered"},
     {"access_in_context", ffg_m_access_in_context, METH_NOARGS,
@@ -236,8 +276,9 @@ static PyMethodDef ffg_methods[] = {
     {"_decode_access", ffg_m_decode_access, METH_VARARGS,
      "_decode_access(records, pc, address) -> (access, from_context): tests only"},
 #endif
-    {"previous_snapshot", ffg_m_previous_snapshot, METH_NOARGS, "the chained handlers, as bytes"},
-    {"previous_restore", ffg_m_previous_restore, METH_O, "restore previous_snapshot()"},
+    {"handlers", ffg_m_handlers, METH_NOARGS, "the handler installed for each signal now (addresses)"},
+    {"after_faulthandler", ffg_m_after_faulthandler, METH_VARARGS,
+     "after_faulthandler(handlers_before, enabled): follow faulthandler.enable()/disable()"},
     {"dladdr", ffg_m_dladdr, METH_O, "dladdr(pc) -> (path, base, symbol, symbol_address) or None"},
     {"set_fault_factory", ffg_m_set_fault_factory, METH_O, "set the record -> exception callable"},
     {NULL, NULL, 0, NULL},

@@ -107,16 +107,19 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context);
 uint64_t ffg_recovered_count(int signo); /* signo 0: all */
 int ffg_access_in_context(void);         /* -1 no fault yet, 0/1: see handler.c */
 
-/* chain.c: the previous handlers, and installing ours */
+/* chain.c: the previous handlers, and installing ours (docs/design.md, "Living with
+ * other handlers"). ffg_chain and ffg_chain_busy run in the signal handler. */
 extern volatile sig_atomic_t ffg_trapped[FFG_NSIGNALS];
 void ffg_chain(int signo, siginfo_t *si, ucontext_t *uc); /* a signal that is not ours */
-int ffg_chain_busy(void); /* this thread is inside a previous handler called by ffg_chain */
+/* The signal whose context is uc arrived while this thread runs a previous handler that
+ * ffg_chain called (caused by it, or interrupting it): never a guarded call's. */
+int ffg_chain_busy(const ucontext_t *uc);
 int ffg_handlers_install(const int *signals, int n); /* -1 + errno on failure */
 int ffg_handlers_untrap(int signo);               /* -1 + errno on failure */
 int ffg_handlers_refresh(void);
 int ffg_is_trapped(int signo);
-size_t ffg_prev_snapshot(void *buf, size_t size);
-void ffg_prev_restore(const void *buf);
+uintptr_t ffg_handler_now(int signo); /* the installed handler's address (SIG_DFL 0, SIG_IGN 1) */
+int ffg_handlers_after_faulthandler(const uintptr_t *before, int enabled); /* before[FFG_NSIGNALS] */
 
 /* stubs.c */
 uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */
