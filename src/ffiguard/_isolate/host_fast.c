@@ -235,8 +235,8 @@ enum { FFG_GIVE_WAKE = 1,   /* wake a thread waiting for a slot */
        FFG_GIVE_RETIRED = 2 /* the helper is retired: close it once every slot is back */ };
 
 static PyMemberDef helper_members[] = {
-    {"dead", T_OBJECT_EX, offsetof(HelperObject, dead), 0, NULL},
-    {"retired", T_OBJECT_EX, offsetof(HelperObject, retired), 0, NULL},
+    {"dead", T_OBJECT_EX, offsetof(HelperObject, dead), READONLY, NULL},       /* _set_dead() */
+    {"retired", T_OBJECT_EX, offsetof(HelperObject, retired), READONLY, NULL}, /* _set_retired() */
     {"pid", T_OBJECT_EX, offsetof(HelperObject, pid), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -261,12 +261,14 @@ static void ffg_unmap_region(uintptr_t region, size_t size)
         munmap((void *)region, size);
 }
 
-/* A free slot (a new reference), or NULL (none free, or the region is gone). */
+/* A free slot (a new reference), or NULL: none free, or the helper is dead or retired
+ * (a call that looked before it was retired goes to the next helper instead of one
+ * being closed), or the region is gone. */
 static SlotObject *ffg_pool_take(HelperObject *h)
 {
     SlotObject *slot = NULL;
     Py_BEGIN_CRITICAL_SECTION(h);
-    if (!h->unmapped && h->nfree > 0) {
+    if (!h->unmapped && h->nfree > 0 && ffg_is_false(&h->dead) && ffg_is_false(&h->retired)) {
         slot = h->stack[--h->nfree];
         Py_INCREF(slot);
     }
@@ -419,6 +421,33 @@ nomem:
     return PyErr_NoMemory();
 }
 
+/* Mark the helper dead (_set_dead) or retired (_set_retired) inside the pool's critical
+ * section, so that no slot is taken after it: -> whether every slot is free. */
+static PyObject *ffg_helper_mark(HelperObject *self, PyObject **field)
+{
+    PyObject *old;
+    int all_free;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    old = *field;
+    __atomic_store_n(field, Py_NewRef(Py_True), __ATOMIC_RELEASE);
+    all_free = self->nfree == self->nslots;
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(old);
+    return PyBool_FromLong(all_free);
+}
+
+static PyObject *helper_set_dead(HelperObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    return ffg_helper_mark(self, &self->dead);
+}
+
+static PyObject *helper_set_retired(HelperObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    return ffg_helper_mark(self, &self->retired);
+}
+
 static PyObject *helper_take(HelperObject *self, PyObject *noargs)
 {
     (void)noargs;
@@ -486,6 +515,9 @@ static PyMethodDef helper_methods[] = {
     {"_set_region", (PyCFunction)helper_set_region, METH_VARARGS, "_set_region(address, size)"},
     {"_set_slots", (PyCFunction)helper_set_slots, METH_VARARGS, "_set_slots(slots, pid)"},
     {"_take", (PyCFunction)helper_take, METH_NOARGS, "a free slot, or None"},
+    {"_set_dead", (PyCFunction)helper_set_dead, METH_NOARGS, "mark dead -> whether every slot is free"},
+    {"_set_retired", (PyCFunction)helper_set_retired, METH_NOARGS,
+     "mark retired -> whether every slot is free"},
     {"_give", (PyCFunction)helper_give, METH_O, "_give(slot) -> flags"},
     {"_waiting", (PyCFunction)helper_waiting, METH_O, "_waiting(+1 or -1)"},
     {"_maybe_unmap", (PyCFunction)helper_maybe_unmap, METH_NOARGS,

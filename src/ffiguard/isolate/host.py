@@ -152,8 +152,6 @@ class _Helper(_isolate.HelperBase):
         self.nslots, self.slot_size = lib._slots, lib._slot_size
         self.ctl_size = W.CONTROL_HEAD + self.nslots * self.slot_size
         self.fids = {}
-        self.retired = False
-        self.dead = False
         self.returncode = None
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)  # threads waiting for a free slot
@@ -225,8 +223,8 @@ class _Helper(_isolate.HelperBase):
     # slots
 
     def acquire(self):
-        """A free slot (waiting for one if need be), or None once the helper is dead and
-        none is free (or its control region is gone)."""
+        """A free slot (waiting for one if need be), or None once the helper is dead or
+        retired (it takes no new calls)."""
         slot = self._take()
         if slot is not None:
             return slot
@@ -235,7 +233,7 @@ class _Helper(_isolate.HelperBase):
             try:
                 while True:
                     slot = self._take()
-                    if slot is not None or self.dead:
+                    if slot is not None or self.dead or self.retired:
                         return slot
                     self.cond.wait(0.05)
             finally:
@@ -260,7 +258,7 @@ class _Helper(_isolate.HelperBase):
     def kill(self):
         """SIGKILL the helper and reap it; returns its Popen returncode."""
         with self.life:
-            self.dead = True
+            self._set_dead()
             if self.returncode is None and self.popen is not None:
                 try:
                     self.popen.kill()
@@ -280,7 +278,7 @@ class _Helper(_isolate.HelperBase):
                     self.returncode = self.popen.wait()
                 except ChildProcessError:  # someone else reaped it
                     self.returncode = self.popen.returncode
-            self.dead = True
+            self._set_dead()
             if self.sock is not None:
                 try:
                     self.sock.close()
@@ -292,7 +290,7 @@ class _Helper(_isolate.HelperBase):
     def close(self):
         with self.life:
             if not self.dead:
-                self.dead = True
+                self._set_dead()
                 if self.sock is not None:
                     self.sock.close()  # the helper sees EOF and exits
                 try:
@@ -306,7 +304,7 @@ class _Helper(_isolate.HelperBase):
     def admin(self, code, request, function=None, deadline=0):
         slot = self.acquire()
         if slot is None:
-            raise HelperUnavailable("the helper of %s is gone" % self.name)
+            raise _HelperGone("the helper of %s is gone" % self.name)
         try:
             data = pickle.dumps(request)
             if len(data) > slot.limit // 2:
@@ -328,6 +326,15 @@ class _Helper(_isolate.HelperBase):
             return value
         finally:
             self.release(slot)
+
+
+class _HelperGone(HelperUnavailable):
+    """The helper was closed or retired before the call could take one of its slots
+    (another thread's fault retired it): under restart="always" the call goes to the
+    next helper."""
+
+
+_RETRIES = 8  # helpers a call tries when each is gone before it gets a slot
 
 
 def _lost(helper, st, function, timeout, why=None, slot=None):
@@ -436,9 +443,7 @@ class IsolatedCDLL:
         stopped once the calls in progress on it are done."""
         if self._restart != "always":
             return
-        with helper.cond:
-            helper.retired = True
-        if helper.nfree == helper.nslots:
+        if helper._set_retired():  # every slot is free: nothing runs on it any more
             helper.close()
 
     # No public methods or properties: every public name is looked up as a function of
@@ -480,8 +485,13 @@ class IsolatedCDLL:
     def __getitem__(self, name):
         if not isinstance(name, str):
             raise TypeError("isolate mode looks functions up by name only")
-        _, address = self._live_helper().admin(W.ADMIN_REGISTER, (name, None, None), name)
-        return IsolatedFunction(self, name, address)
+        for retry in range(_RETRIES):
+            try:
+                _, address = self._live_helper().admin(W.ADMIN_REGISTER, (name, None, None), name)
+                return IsolatedFunction(self, name, address)
+            except _HelperGone:  # retired by another thread's fault meanwhile
+                if self._restart != "always" or retry == _RETRIES - 1:
+                    raise
 
 
 def restart_helper(lib):
@@ -524,7 +534,7 @@ def _after_fork_in_child():
     for lib in list(_libraries):
         h = lib._helper
         if h is not None:
-            h.dead = True
+            h._set_dead()
             h.returncode = None
             try:
                 h.sock.close()  # our copy only: the parent's helper must still see its EOF
@@ -665,27 +675,32 @@ class IsolatedFunction(_isolate.FunctionBase):
         if plan is None or len(args) != len(plan.specs):
             plan = self._compile(args)
         lib = self._lib
-        helper = lib._helper
-        if helper is None or helper.dead or helper.retired:
-            helper = lib._live_helper()
-        fid = helper.fids.get(plan.key)
-        if fid is None:
-            fid = self._register(helper, plan)
-        if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
-                self._plan is plan or self._argtypes is None):
-            # Number-only: from now on the C base makes such calls itself.  (Without
-            # argtypes it binds the first arity seen; others keep taking this path.)
-            self._bind_fast(helper, fid, plan.fastdesc, float(lib._timeout or 0))
-            self._bound = helper
-        timeout = self.timeout if self.timeout is not None else lib._timeout
-        deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
-        slot = helper.acquire()
-        if slot is None:
-            if lib._restart != "always" or not helper.dead:
+        for retry in range(_RETRIES):
+            helper = lib._helper
+            if helper is None or helper.dead or helper.retired:
+                helper = lib._live_helper()
+            try:
+                fid = helper.fids.get(plan.key)
+                if fid is None:
+                    fid = self._register(helper, plan)
+            except _HelperGone:
+                if lib._restart != "always" or retry == _RETRIES - 1:
+                    raise
+                continue
+            if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
+                    self._plan is plan or self._argtypes is None):
+                # Number-only: from now on the C base makes such calls itself.  (Without
+                # argtypes it binds the first arity seen; others keep taking this path.)
+                self._bind_fast(helper, fid, plan.fastdesc, float(lib._timeout or 0))
+                self._bound = helper
+            timeout = self.timeout if self.timeout is not None else lib._timeout
+            deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
+            slot = helper.acquire()
+            if slot is not None:
+                break
+            if lib._restart != "always" or retry == _RETRIES - 1:
                 raise HelperUnavailable("the helper of %s is gone" % lib._name)
-            # It was closed (retired by another thread's fault) since we looked: the
-            # call goes to the next helper.
-            return self._call(*args)
+            # retired (another thread's fault) or closed since we looked: the next one
         ctx = None
         try:
             mem = slot.mem
