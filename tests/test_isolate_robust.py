@@ -56,10 +56,15 @@ def test_state_word_that_is_no_state_kills_the_helper(value, path):
     reports a timeout or death that did not happen (0xFFFFFFFF, 0xFFFFFFFE)."""
     lib = scribbling_libc(timeout=20)
     try:
+        # Both functions registered first: the slot watched below is the call's, not
+        # a registration's.
+        scratch = foreign_buffer(8)
+        lib.memcpy(ctypes.addressof(scratch), b"1234", 4)
         if path == "fast":
             assert lib.usleep(0) == 0 and lib.usleep._fast_bound
             arg = 10_000_000
         else:
+            assert lib.usleep(ctypes.c_uint(0)) == 0
             arg = ctypes.c_uint(10_000_000)  # a ctypes instance: the Python path
         helper = lib._helper
         pid = helper.pid
@@ -77,7 +82,8 @@ def test_state_word_that_is_no_state_kills_the_helper(value, path):
         end = time.monotonic() + 10
         waiting = []
         while not waiting and time.monotonic() < end:
-            waiting = [s for s in helper.slots if W.U32.unpack_from(s.mem, s.base)[0] == W.CALL]
+            waiting = [s for s in helper.slots if W.U32.unpack_from(s.mem, s.base)[0] == W.CALL
+                       and not W.U32.unpack_from(s.mem, s.base + W.OFF_OP)[0] & W.ADMIN]
         assert len(waiting) == 1
         slot = waiting[0]
         # The helper's own code writes into its mapping of the slot.  The waiting call
