@@ -384,7 +384,8 @@ static PyObject *helper_set_slots(HelperObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "_set_slots: no slots");
         return NULL;
     }
-    SlotObject **all = PyMem_Calloc((size_t)n, sizeof *all), **stack = PyMem_Calloc((size_t)n, sizeof *stack);
+    SlotObject **all = PyMem_Calloc((size_t)n, sizeof *all);
+    SlotObject **stack = PyMem_Calloc((size_t)n, sizeof *stack);
     if (!all || !stack)
         goto nomem;
     for (Py_ssize_t i = 0; i < n; i++) {

@@ -24,7 +24,8 @@ __all__ = [
     "IsolatedCDLL", "IsolatedFunction", "Handle", "foreign_buffer", "foreign_new",
     "in_foreign_heap", "configure_spinning", "restart_helper", "stop_helper", "helper_pid",
     "helper_restarts",
-    "ForeignTimeout", "HelperDied", "HelperProtocolError", "ForeignExit", "HelperUnavailable", "StaleHandle",
+    "ForeignTimeout", "HelperDied", "HelperProtocolError", "ForeignExit", "HelperUnavailable",
+    "StaleHandle",
     "HelperSegmentationFault", "HelperBusError", "HelperIllegalInstruction",
     "HelperArithmeticFault", "HelperAborted",
 ]

@@ -16,7 +16,8 @@ from ..faults import (
 )
 
 __all__ = [
-    "HelperDied", "HelperProtocolError", "ForeignExit", "ForeignTimeout", "HelperUnavailable", "StaleHandle",
+    "HelperDied", "HelperProtocolError", "ForeignExit", "ForeignTimeout", "HelperUnavailable",
+    "StaleHandle",
     "HelperSegmentationFault", "HelperBusError", "HelperIllegalInstruction",
     "HelperArithmeticFault", "HelperAborted", "died",
 ]

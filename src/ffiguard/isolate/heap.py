@@ -142,7 +142,8 @@ def _placed(ctype):
     """A subclass of ctype whose instances can carry a finalizer (weakref)."""
     t = _types.get(ctype)
     if t is None:  # (two threads may both make one: setdefault keeps a single one)
-        t = _types.setdefault(ctype, type(ctype.__name__, (ctype,), {"__module__": ctype.__module__}))
+        made = type(ctype.__name__, (ctype,), {"__module__": ctype.__module__})
+        t = _types.setdefault(ctype, made)
     return t
 
 

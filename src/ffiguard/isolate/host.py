@@ -730,7 +730,8 @@ class IsolatedFunction(_isolate.FunctionBase):
             status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
             rep_off = slot.base + W.SLOT_HEAD + W.align(req_len)
             if rep_len > slot.limit:
-                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout, "reply length out of bounds")
+                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout,
+                            "reply length out of bounds")
             if lib._use_errno:
                 ctypes.set_errno(W.I32.unpack_from(mem, slot.base + W.OFF_ERRNO)[0])
             if ctx is not None:
@@ -767,7 +768,8 @@ class IsolatedFunction(_isolate.FunctionBase):
             mem = slot.mem
             status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
             if rep_len > slot.limit:
-                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout, "reply length out of bounds")
+                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout,
+                            "reply length out of bounds")
             if status == W.OK:
                 return None  # the C side failed after a good reply; it raises its error
             raise self._failure(helper, status, mem, slot.base + W.SLOT_HEAD + W.align(req_len),
