@@ -112,6 +112,8 @@ typedef struct {
     PyObject_HEAD
     uintptr_t caddr;           /* the slot header in this process (0: not set yet) */
     _Atomic int *counted;      /* the in-flight counter its call incremented, or NULL */
+    Py_ssize_t pool_index;     /* its place in its helper's pool (set by _set_slots) */
+    int in_pool;               /* free in the pool (changed in the pool's critical section) */
     PyObject *index, *base, *payload, *limit, *cb_off; /* ints */
     PyObject *mem;             /* memoryview of the whole control region */
 } SlotObject;
@@ -158,6 +160,15 @@ static PyGetSetDef slot_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+static PyObject *slot_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    (void)args, (void)kw;
+    SlotObject *self = (SlotObject *)type->tp_alloc(type, 0);
+    if (self)
+        self->pool_index = -1;
+    return (PyObject *)self;
+}
+
 static void slot_dealloc(SlotObject *self)
 {
     Py_CLEAR(self->index);
@@ -175,7 +186,7 @@ PyTypeObject Slot_Type = {
     .tp_doc = "A call slot of a helper's control region (host side).",
     .tp_basicsize = sizeof(SlotObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = PyType_GenericNew,
+    .tp_new = slot_new,
     .tp_dealloc = (destructor)slot_dealloc,
     .tp_members = slot_members,
     .tp_getset = slot_getset,
@@ -270,6 +281,7 @@ static SlotObject *ffg_pool_take(HelperObject *h)
     Py_BEGIN_CRITICAL_SECTION(h);
     if (!h->unmapped && h->nfree > 0 && ffg_is_false(&h->dead) && ffg_is_false(&h->retired)) {
         slot = h->stack[--h->nfree];
+        slot->in_pool = 0;
         Py_INCREF(slot);
     }
     Py_END_CRITICAL_SECTION();
@@ -283,14 +295,11 @@ static int ffg_pool_give(HelperObject *h, SlotObject *slot)
     uintptr_t region = 0;
     ffg_slot_end_call(slot);
     Py_BEGIN_CRITICAL_SECTION(h);
-    if (h->nfree < h->nslots) {
-        int known = 0; /* only this pool's slots, each once */
-        for (Py_ssize_t i = 0; i < h->nslots; i++)
-            known |= h->all[i] == slot;
-        for (Py_ssize_t i = 0; known && i < h->nfree; i++)
-            known &= h->stack[i] != slot;
-        if (known)
-            h->stack[h->nfree++] = slot;
+    /* Only this pool's slots, each once. */
+    Py_ssize_t i = slot->pool_index;
+    if (i >= 0 && i < h->nslots && h->all[i] == slot && !slot->in_pool && h->nfree < h->nslots) {
+        slot->in_pool = 1;
+        h->stack[h->nfree++] = slot;
     }
     if (h->waiters)
         flags |= FFG_GIVE_WAKE;
@@ -400,6 +409,12 @@ static PyObject *helper_set_slots(HelperObject *self, PyObject *args)
     int ok;
     Py_BEGIN_CRITICAL_SECTION(self);
     ok = !self->all;
+    for (Py_ssize_t i = 0; ok && i < n; i++) /* (a slot belongs to one pool) */
+        ok = !all[i]->in_pool && all[i]->pool_index < 0;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        all[i]->pool_index = i;
+        all[i]->in_pool = 1;
+    }
     if (ok) {
         self->all = all;
         self->stack = stack;
@@ -409,7 +424,7 @@ static PyObject *helper_set_slots(HelperObject *self, PyObject *args)
     Py_END_CRITICAL_SECTION();
     if (ok)
         Py_RETURN_NONE;
-    PyErr_SetString(PyExc_ValueError, "_set_slots: once");
+    PyErr_SetString(PyExc_ValueError, "_set_slots: once, with slots of no other pool");
 fail:
     for (Py_ssize_t i = 0; i < n; i++)
         Py_XDECREF(all[i]);
@@ -566,51 +581,15 @@ typedef struct {
     fastdesc desc;
 } FunctionObject;
 
-static PyObject *ffg_get_locked(PyObject *self, PyObject **field)
-{
-    PyObject *v;
-    Py_BEGIN_CRITICAL_SECTION(self);
-    v = Py_XNewRef(*field);
-    Py_END_CRITICAL_SECTION();
-    return v ? v : Py_NewRef(Py_None);
-}
-
-static int ffg_set_locked(PyObject *self, PyObject **field, PyObject *v)
-{
-    PyObject *old;
-    v = v ? v : Py_None; /* del: back to None */
-    Py_INCREF(v);
-    Py_BEGIN_CRITICAL_SECTION(self);
-    old = *field;
-    *field = v;
-    Py_END_CRITICAL_SECTION();
-    Py_XDECREF(old);
-    return 0;
-}
-
-static PyObject *function_get_timeout(FunctionObject *self, void *c)
-{
-    (void)c;
-    return ffg_get_locked((PyObject *)self, &self->timeout);
-}
-
-static int function_set_timeout(FunctionObject *self, PyObject *v, void *c)
-{
-    (void)c;
-    return ffg_set_locked((PyObject *)self, &self->timeout, v);
-}
-
-static PyObject *function_get_errcheck(FunctionObject *self, void *c)
-{
-    (void)c;
-    return ffg_get_locked((PyObject *)self, &self->errcheck);
-}
-
-static int function_set_errcheck(FunctionObject *self, PyObject *v, void *c)
-{
-    (void)c;
-    return ffg_set_locked((PyObject *)self, &self->errcheck, v);
-}
+/* timeout and errcheck are T_OBJECT_EX members (attribute access to them is
+ * specialized on 3.11+, and the Python path reads them on every call): their setter,
+ * PyMember_SetOne, stores inside a critical section on the object in free-threaded
+ * builds, the same one a call copies them in. */
+static PyMemberDef function_members[] = {
+    {"timeout", T_OBJECT_EX, offsetof(FunctionObject, timeout), 0, NULL},
+    {"errcheck", T_OBJECT_EX, offsetof(FunctionObject, errcheck), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static int function_traverse(FunctionObject *self, visitproc visit, void *arg)
 {
@@ -861,10 +840,6 @@ static PyMethodDef function_methods[] = {
 
 static PyGetSetDef function_getset[] = {
     {"_fast_bound", (getter)function_fast_bound, NULL, "whether calls may take the C path", NULL},
-    {"timeout", (getter)function_get_timeout, (setter)function_set_timeout,
-     "seconds per call (None: the library's)", NULL},
-    {"errcheck", (getter)function_get_errcheck, (setter)function_set_errcheck,
-     "errcheck(result, function, args), run in the host", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -890,6 +865,7 @@ PyTypeObject Function_Type = {
     .tp_traverse = (traverseproc)function_traverse,
     .tp_clear = (inquiry)function_clear,
     .tp_call = function_call,
+    .tp_members = function_members,
     .tp_methods = function_methods,
     .tp_getset = function_getset,
 };

@@ -675,7 +675,8 @@ class IsolatedFunction(_isolate.FunctionBase):
         if plan is None or len(args) != len(plan.specs):
             plan = self._compile(args)
         lib = self._lib
-        for retry in range(_RETRIES):
+        retry = 0
+        while True:
             helper = lib._helper
             if helper is None or helper.dead or helper.retired:
                 helper = lib._live_helper()
@@ -684,7 +685,8 @@ class IsolatedFunction(_isolate.FunctionBase):
                 if fid is None:
                     fid = self._register(helper, plan)
             except _HelperGone:
-                if lib._restart != "always" or retry == _RETRIES - 1:
+                retry += 1
+                if lib._restart != "always" or retry == _RETRIES:
                     raise
                 continue
             if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
@@ -695,10 +697,13 @@ class IsolatedFunction(_isolate.FunctionBase):
                 self._bound = helper
             timeout = self.timeout if self.timeout is not None else lib._timeout
             deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
-            slot = helper.acquire()
+            slot = helper._take()  # (acquire() below when none is free: it waits)
+            if slot is None:
+                slot = helper.acquire()
             if slot is not None:
                 break
-            if lib._restart != "always" or retry == _RETRIES - 1:
+            retry += 1
+            if lib._restart != "always" or retry == _RETRIES:
                 raise HelperUnavailable("the helper of %s is gone" % lib._name)
             # retired (another thread's fault) or closed since we looked: the next one
         ctx = None
@@ -746,7 +751,9 @@ class IsolatedFunction(_isolate.FunctionBase):
         finally:
             if ctx is not None:
                 ctx.release()
-            helper.release(slot)
+            flags = helper._give(slot)  # (helper.release, inline)
+            if flags:
+                helper._wake(flags)
         if self.errcheck is not None:
             return self.errcheck(result, self, args)
         return result
