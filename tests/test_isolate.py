@@ -5,6 +5,7 @@ import errno
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 
@@ -357,10 +358,21 @@ def test_no_inherited_file_descriptors():
     try:
         lib = IsolatedCDLL(LIBC)
         try:
-            fds = sorted(int(n) for n in os.listdir("/proc/%d/fd" % helper_pid(lib)))
-            extra = [fd for fd in fds if fd > 2]
-            assert len(extra) == 1, fds
-            assert os.readlink("/proc/%d/fd/%d" % (helper_pid(lib), extra[0])).startswith("socket:")
+            pid = helper_pid(lib)
+            fds = sorted(int(n) for n in os.listdir("/proc/%d/fd" % pid))
+            links = [os.readlink("/proc/%d/fd/%d" % (pid, fd)) for fd in fds if fd > 2]
+            ours = {os.readlink("/proc/self/fd/%d" % fd) for fd in (r, w)}
+            sockets = [link for link in links if link.startswith("socket:")]
+            assert len(sockets) == 1, links
+            assert not ours & set(links) and not [link for link in links if "memfd:" in link]
+            # Anything else the helper opened itself: since 3.14, importing ctypes makes
+            # libffi keep its own library file open (for its trampolines).  Those are
+            # library files, never one of the host's.
+            others = [link for link in links if not link.startswith("socket:")]
+            if sys.version_info >= (3, 14):
+                assert all(os.path.basename(link).startswith("libffi.so") for link in others), links
+            else:
+                assert others == [], links
         finally:
             stop_helper(lib)
     finally:
@@ -379,8 +391,15 @@ def test_limits_set_in_helper():
             # limit the emulator's own memory): the helper asked, the host shows none.
             assert rows["Max data size"][:2] == rows["Max address space"][:2] == ["unlimited"] * 2
             return
-        assert rows["Max data size"][:2] == [str(512 << 20)] * 2
-        assert rows["Max address space"][:2] == [str(4 << 30)] * 2
+        # On top of what the helper used once started (docs/isolate.md): at most that
+        # much more than asked, and it has not grown since.
+        with open("/proc/%d/status" % helper_pid(lib)) as f:
+            used = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+                    if k in ("VmData", "VmSize")}
+        for row, asked, now in (("Max data size", 512 << 20, used["VmData"]),
+                                ("Max address space", 4 << 30, used["VmSize"])):
+            soft, hard = map(int, rows[row][:2])
+            assert soft == hard and 0 < soft - asked <= now, (row, soft, now)
         lib.malloc.argtypes = [ctypes.c_size_t]
         lib.malloc.restype = ctypes.c_void_p
         assert lib.malloc(1 << 30) is None  # over RLIMIT_DATA

@@ -346,7 +346,7 @@ def test_fast_calls_from_threads(libs):
     for t in threads:
         t.join()
     assert not errors
-    assert len(libs[0]._helper.free) == libs[0]._helper.nslots
+    assert libs[0]._helper.nfree == libs[0]._helper.nslots
 
 
 def test_helper_checks_request_length(libs):
@@ -364,7 +364,7 @@ def test_helper_checks_request_length(libs):
         for req_len in (8, 0, 1 << 30):
             W.U32.pack_into(slot.mem, slot.base + W.OFF_OP, fid)
             W.U32.pack_into(slot.mem, slot.base + W.OFF_REQ_LEN, req_len)
-            st = _isolate.exchange(slot.addr, W.CALL, W.CALL, 0, helper.pid)
+            st = _isolate.exchange(slot, W.CALL, W.CALL, 0, helper.pid)
             assert st == W.REPLY
             assert W.U32.unpack_from(slot.mem, slot.base + W.OFF_STATUS)[0] == W.OK
     finally:

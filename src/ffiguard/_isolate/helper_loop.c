@@ -4,6 +4,17 @@
 
 #include <string.h>
 
+/* list[i] as a new reference, NULL (with IndexError) when out of range: safe while
+ * other threads append (PyList_GetItemRef takes the list's lock where there is one). */
+static PyObject *ffg_list_get_ref(PyObject *list, Py_ssize_t i)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyList_GetItemRef(list, i);
+#else
+    return Py_XNewRef(PyList_GetItem(list, i));
+#endif
+}
+
 /* Helper: a ctypes result into the slot, as struct.pack_into would (ctypes results are
  * already in range).  -1 with an exception if it is not a number of that kind. */
 static int pack_result(int code, PyObject *r, unsigned char *dst)
@@ -81,28 +92,33 @@ PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned char *base = (unsigned char *)(uintptr_t)addr, *payload = base + SLOT_HEAD;
     slot_head *h = (slot_head *)base;
     for (;;) {
-        int st = run_exchange(h, set_state, (uint32_t)wait_while, 0, 0);
+        uint32_t raw;
+        int st = run_exchange(h, set_state, (uint32_t)wait_while, 0, 0, &raw);
         if (st == RC_PYERR)
             return NULL;
         set_state = -1;
         if (st != ST_CALL) { /* only the host moves a slot to CALL; anything else is noise */
-            wait_while = st;
+            wait_while = raw;
             continue;
         }
         uint32_t head[3];
         memcpy(head, base + OFF_OP, sizeof head);
         uint32_t op = head[0], req_len = head[2];
-        if (op & ADMIN_BIT || (Py_ssize_t)op >= PyList_GET_SIZE(table))
+        if (op & ADMIN_BIT)
             return PyLong_FromLong(st);
-        PyObject *entry = PyList_GET_ITEM(table, (Py_ssize_t)op);
-        fastdesc d;
-        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 ||
-            parse_desc(PyTuple_GET_ITEM(entry, 1), &d, limit) < 0) {
+        /* A strong reference: other slot threads append to the table meanwhile. */
+        PyObject *entry = ffg_list_get_ref(table, (Py_ssize_t)op);
+        if (!entry) {
             PyErr_Clear();
             return PyLong_FromLong(st);
         }
-        if (req_len != d.argsize)
+        fastdesc d;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 ||
+            parse_desc(PyTuple_GET_ITEM(entry, 1), &d, limit) < 0 || req_len != d.argsize) {
+            PyErr_Clear();
+            Py_DECREF(entry);
             return PyLong_FromLong(st);
+        }
         union { unsigned char b[256]; uint64_t align; } req;
         memcpy(req.b, payload, d.argsize); /* read the host's bytes once */
         PyObject *stack[FAST_MAXARGS];
@@ -121,14 +137,13 @@ PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (k < d.nargs) {
             for (int j = 0; j < k; j++)
                 Py_DECREF(stack[j]);
+            Py_DECREF(entry);
             if (PyErr_Occurred())
                 return NULL;
             return PyLong_FromLong(st);
         }
-        PyObject *fn = PyTuple_GET_ITEM(entry, 0);
-        Py_INCREF(fn);
-        PyObject *r = PyObject_Vectorcall(fn, stack, (size_t)d.nargs, NULL);
-        Py_DECREF(fn);
+        PyObject *r = PyObject_Vectorcall(PyTuple_GET_ITEM(entry, 0), stack, (size_t)d.nargs, NULL);
+        Py_DECREF(entry);
         for (k = 0; k < d.nargs; k++)
             Py_DECREF(stack[k]);
         if (!r)

@@ -24,14 +24,31 @@ static inline PyObject *Py_NewRef(PyObject *o)
     Py_INCREF(o);
     return o;
 }
+static inline PyObject *Py_XNewRef(PyObject *o)
+{
+    Py_XINCREF(o);
+    return o;
+}
 #endif
 
 /* Shared by these files only: hidden, so the module still exports nothing but PyInit. */
 #pragma GCC visibility push(hidden)
 
-enum { RC_TIMEOUT = -1, RC_DEAD = -2, RC_INTERRUPTED = -3 };
+/* Free-threaded builds: Py_BEGIN_CRITICAL_SECTION (3.13+) locks an object's mutex; with
+ * a GIL it is a plain block.  Before 3.13 there is no free-threaded build, so a plain
+ * block is right there too.  Inside one: no Python calls, no DECREF that could free. */
+#ifndef Py_BEGIN_CRITICAL_SECTION
+#define Py_BEGIN_CRITICAL_SECTION(op) { (void)(op);
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+/* What a wait returns: a slot state (ST_IDLE .. ST_MAX, never negative) or one of these.
+ * The state word is in shared memory the helper (untrusted) can write anything into, so
+ * a value that is not a state is never passed on as a number: it is RC_PROTOCOL. */
+enum { RC_TIMEOUT = -1, RC_DEAD = -2, RC_INTERRUPTED = -3, RC_PROTOCOL = -4 };
 enum { RC_PYERR = -100 }; /* a Python exception is set (Ctrl-C while waiting) */
-enum { ST_CALL = 1, ST_REPLY = 2, ST_CB_REQ = 3 }; /* as in ffiguard/isolate/_wire.py */
+enum { ST_IDLE = 0, ST_CALL = 1, ST_REPLY = 2, ST_CB_REQ = 3, ST_CB_RET = 4,
+       ST_MAX = ST_CB_RET }; /* as in ffiguard/isolate/_wire.py */
 
 typedef struct {
     _Atomic uint32_t state;
@@ -94,7 +111,8 @@ static inline int as_ll(PyObject *o, long long *out)
 /* transport.c */
 long long now_ns(void);
 int run_exchange(slot_head *h, long long set_state, uint32_t wait_while, long long deadline,
-                 pid_t pid);
+                 pid_t pid, uint32_t *raw);
+_Atomic int *ffg_inflight_counter(void); /* the count of calls in flight this host shares */
 PyObject *exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *configure(PyObject *self, PyObject *args);
 PyObject *counters(PyObject *self, PyObject *noargs);
@@ -107,6 +125,9 @@ PyObject *unpack_value(int code, const unsigned char *src);
 
 /* host_fast.c */
 extern PyTypeObject Slot_Type, Helper_Type, Function_Type;
+int ffg_slot_check(PyObject *o);                 /* is it a Slot? */
+uintptr_t ffg_slot_address(PyObject *slot);      /* its header's address in this process */
+uintptr_t ffg_slot_begin_call(PyObject *slot);   /* the same; its call now counts as in flight */
 int host_fast_ready(void); /* the types readied, the cached names made: -1 on failure */
 PyObject *set_hooks(PyObject *self, PyObject *args);
 

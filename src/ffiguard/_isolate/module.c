@@ -3,7 +3,7 @@
 
 static PyMethodDef methods[] = {
     {"exchange", (PyCFunction)(void (*)(void))exchange, METH_FASTCALL,
-     "exchange(slot_address, set_state, wait_while, deadline_ns=0, pid=0) -> state"},
+     "exchange(slot, set_state, wait_while, deadline_ns=0, pid=0) -> state"},
     {"configure", configure, METH_VARARGS, "configure(side, spin_ns, spin_limit, slice_ns)"},
     {"counters", counters, METH_NOARGS, "spin hits, futex sleeps and wakes in this process"},
     {"map_shared", map_shared, METH_VARARGS, "map_shared(fd, size, address=0) -> address"},
@@ -31,9 +31,18 @@ PyMODINIT_FUNC PyInit__isolate(void)
               PyModule_AddIntConstant(m, "FAST_MAXARGS", FAST_MAXARGS) ||
               PyModule_AddIntConstant(m, "TIMEOUT", RC_TIMEOUT) ||
               PyModule_AddIntConstant(m, "DEAD", RC_DEAD) ||
+              PyModule_AddIntConstant(m, "PROTOCOL", RC_PROTOCOL) ||
               PyModule_AddIntConstant(m, "MAX_LEASES", MAX_LEASES))) {
         Py_DECREF(m);
         return NULL;
     }
+#ifdef Py_GIL_DISABLED
+    /* Correct without the GIL: the slot pool and the fast path's binding change in
+     * critical sections, the transport's settings are atomics (isolate.h). */
+    if (m && PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     return m;
 }

@@ -41,17 +41,24 @@
  * at any moment (CPUs - 1, so the thread doing the work always has a CPU).  A lease is
  * the CLOCK_MONOTONIC time its spinner stops; a lease left behind by a killed helper
  * simply expires. */
-static int side;                /* 0 host, 1 helper */
-static long long spin_ns;       /* 0: never spin */
-static int spin_limit;          /* at most this many spinners (<= MAX_LEASES) */
-static long long slice_ns = 5000000; /* host: check the helper's liveness this often */
-static long long grace_ns = 5000;    /* how long to try for a lease held by the peer */
-static _Atomic long long local_leases[MAX_LEASES + 32];
-static _Atomic long long *leases = local_leases;
+/* Written by configure() while other threads may be waiting in do_exchange: atomics
+ * (relaxed: each is a setting read on its own; nothing else depends on their order). */
+static _Atomic int side;                /* 0 host, 1 helper */
+static _Atomic long long spin_ns;       /* 0: never spin */
+static _Atomic int spin_limit;          /* at most this many spinners (<= MAX_LEASES) */
+static _Atomic long long slice_ns = 5000000; /* host: check the helper's liveness this often */
+static const long long grace_ns = 5000;      /* how long to try for a lease held by the peer */
+#define FFG_LEASE_WORDS (MAX_LEASES + 32)    /* the leases, then the in-flight count */
+#define FFG_INFLIGHT_WORD (MAX_LEASES + 16)
+static _Atomic long long local_leases[FFG_LEASE_WORDS];
+static _Atomic(_Atomic long long *) leases = local_leases;
 /* Calls in flight from the host to all its helpers (same shared page, after the
  * leases): nobody spins while more than one call is in flight, since then the
- * threads doing the work need every CPU and spinning only delays them. */
-static _Atomic int *inflight = (_Atomic int *)&local_leases[MAX_LEASES + 16];
+ * threads doing the work need every CPU and spinning only delays them.  A call is
+ * counted by the slot it runs on, from its first CALL until the slot is given back to
+ * the pool (host_fast.c: ffg_slot_begin_call, the pool's give), whatever happened in
+ * between (a reply, a fault, a timeout, an exception in a callback). */
+static _Atomic(_Atomic int *) inflight = (_Atomic int *)&local_leases[FFG_INFLIGHT_WORD];
 static _Atomic unsigned long long n_spin_hits, n_sleeps, n_wakes, n_no_lease;
 /* Adaptive spin budget (per process): halved each time a spin ends without an answer
  * (a slow call, or the peer waiting for the CPU this thread is spinning on: the
@@ -59,6 +66,11 @@ static _Atomic unsigned long long n_spin_hits, n_sleeps, n_wakes, n_no_lease;
  * between SPIN_FLOOR and spin_ns. */
 #define SPIN_FLOOR 20000LL
 static _Atomic long long spin_cur;
+
+_Atomic int *ffg_inflight_counter(void)
+{
+    return atomic_load_explicit(&inflight, memory_order_acquire);
+}
 
 long long now_ns(void)
 {
@@ -98,10 +110,23 @@ static int peer_dead(pid_t pid)
     return info.si_pid == pid;
 }
 
-static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
-                       long long deadline, pid_t pid)
+/* A state word seen: the state itself, or RC_PROTOCOL for a value that is no state
+ * (the raw value goes to *raw either way). */
+static inline int ffg_classify(uint32_t s, uint32_t *raw)
 {
-    const int me = side, peer = 1 - side;
+    *raw = s;
+    return s <= ST_MAX ? (int)s : RC_PROTOCOL;
+}
+
+static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
+                       long long deadline, pid_t pid, uint32_t *raw)
+{
+    const int me = atomic_load_explicit(&side, memory_order_relaxed), peer = 1 - me;
+    const long long spin = atomic_load_explicit(&spin_ns, memory_order_relaxed);
+    const int limit = atomic_load_explicit(&spin_limit, memory_order_relaxed);
+    const long long slice = atomic_load_explicit(&slice_ns, memory_order_relaxed);
+    _Atomic long long *const lease_words = atomic_load(&leases);
+    _Atomic int *const in_flight = ffg_inflight_counter();
     uint32_t s;
 
     if (set_state >= 0) {
@@ -110,7 +135,7 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
             futex_wake(&h->state);
     }
 
-    if (spin_ns > 0 && spin_limit > 0 && atomic_load(inflight) <= 1) {
+    if (spin > 0 && limit > 0 && atomic_load(in_flight) <= 1) {
         long long budget = atomic_load_explicit(&spin_cur, memory_order_relaxed);
         if (budget < SPIN_FLOOR)
             budget = SPIN_FLOOR;
@@ -123,21 +148,21 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
             if (s != wait_while) {
                 if (held >= 0) {
                     long long mine = lease;
-                    atomic_compare_exchange_strong(&leases[held], &mine, 0);
+                    atomic_compare_exchange_strong(&lease_words[held], &mine, 0);
                 }
                 atomic_fetch_add_explicit(&n_spin_hits, 1, memory_order_relaxed);
-                if (budget < spin_ns)
-                    atomic_store_explicit(&spin_cur, budget * 2 > spin_ns ? spin_ns : budget * 2,
+                if (budget < spin)
+                    atomic_store_explicit(&spin_cur, budget * 2 > spin ? spin : budget * 2,
                                           memory_order_relaxed);
-                return (int)s;
+                return ffg_classify(s, raw);
             }
             if (held < 0) {
                 /* Take a free or expired lease; the peer that just handed this slot
                  * over is about to give its lease up, hence the grace period. */
                 long long t = (i & 15) == 1 ? now_ns() : start;
-                for (int k = 0; k < spin_limit; k++) {
-                    long long v = atomic_load(&leases[k]);
-                    if ((v == 0 || v < t) && atomic_compare_exchange_strong(&leases[k], &v, lease)) {
+                for (int k = 0; k < limit; k++) {
+                    long long v = atomic_load(&lease_words[k]);
+                    if ((v == 0 || v < t) && atomic_compare_exchange_strong(&lease_words[k], &v, lease)) {
                         held = k;
                         break;
                     }
@@ -153,13 +178,13 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
                     atomic_store_explicit(&spin_cur, budget / 2, memory_order_relaxed);
                     break;
                 }
-                if (atomic_load(inflight) > 1)
+                if (atomic_load(in_flight) > 1)
                     break;
             }
         }
         if (held >= 0) {
             long long mine = lease;
-            atomic_compare_exchange_strong(&leases[held], &mine, 0);
+            atomic_compare_exchange_strong(&lease_words[held], &mine, 0);
         }
     }
 
@@ -168,7 +193,7 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
         struct timespec ts, *tp = NULL;
         long long wait = -1;
         if (pid > 0)
-            wait = slice_ns;
+            wait = slice;
         if (deadline) {
             long long left = deadline - now_ns();
             if (left <= 0)
@@ -187,19 +212,19 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
         s = atomic_load(&h->state);
         if (s != wait_while) {
             atomic_store(&h->sleeping[me], 0);
-            return (int)s;
+            return ffg_classify(s, raw);
         }
         long r = futex_wait(&h->state, wait_while, tp);
         int err = errno;
         atomic_store(&h->sleeping[me], 0);
         s = atomic_load(&h->state);
         if (s != wait_while)
-            return (int)s;
-        if (r == -1 && err == EINTR && side == 0)
+            return ffg_classify(s, raw);
+        if (r == -1 && err == EINTR && me == 0)
             return RC_INTERRUPTED;
         if (pid > 0 && peer_dead(pid)) {
             s = atomic_load(&h->state); /* it may have answered just before dying */
-            return s != wait_while ? (int)s : RC_DEAD;
+            return s != wait_while ? ffg_classify(s, raw) : RC_DEAD;
         }
         if (deadline && now_ns() >= deadline)
             return RC_TIMEOUT;
@@ -207,40 +232,36 @@ static int do_exchange(slot_head *h, long long set_state, uint32_t wait_while,
 }
 
 
-/* One exchange with the GIL released, the host's count of calls in flight kept, and
- * signals handled (a handler that raises ends the wait: RC_PYERR). */
+/* One exchange with the GIL released (detached from the interpreter: free-threaded
+ * builds let other threads run Python meanwhile) and signals handled (a handler that
+ * raises ends the wait: RC_PYERR).  *raw: the state word's value when a state (or
+ * RC_PROTOCOL) is returned. */
 int run_exchange(slot_head *h, long long set_state, uint32_t wait_while, long long deadline,
-                        pid_t pid)
+                 pid_t pid, uint32_t *raw)
 {
     int rc;
-    /* Host: a call is in flight from exchange(CALL) until an exchange returns anything
-     * but a callback request (the CB_RET exchanges continue the same call). */
-    if (side == 0 && set_state == ST_CALL)
-        atomic_fetch_add(inflight, 1);
+    *raw = wait_while;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        rc = do_exchange(h, set_state, wait_while, deadline, pid);
+        rc = do_exchange(h, set_state, wait_while, deadline, pid, raw);
         Py_END_ALLOW_THREADS
         if (rc != RC_INTERRUPTED)
             break;
-        if (PyErr_CheckSignals() < 0) {
-            if (side == 0)
-                atomic_fetch_sub(inflight, 1);
+        if (PyErr_CheckSignals() < 0)
             return RC_PYERR;
-        }
         set_state = -1;
     }
-    if (side == 0 && rc != ST_CB_REQ)
-        atomic_fetch_sub(inflight, 1);
     return rc;
 }
 
-/* exchange(slot_address, set_state, wait_while, deadline_ns=0, pid=0) -> int
+/* exchange(slot, set_state, wait_while, deadline_ns=0, pid=0) -> int
  *
- * set_state < 0: store nothing.  deadline_ns: CLOCK_MONOTONIC (time.monotonic_ns()),
- * 0 for none.  pid > 0: the helper to watch.  Returns the new state, or -1 when the
- * deadline passed, -2 when the helper died.  A signal handler that raises (Ctrl-C)
- * ends the wait with that exception. */
+ * slot: a Slot (the host: a CALL stored makes the call count as in flight until the
+ * slot goes back to its pool) or a slot's address (the helper).  set_state < 0: store
+ * nothing.  deadline_ns: CLOCK_MONOTONIC (time.monotonic_ns()), 0 for none.  pid > 0:
+ * the helper to watch.  Returns the new state, or TIMEOUT when the deadline passed,
+ * DEAD when the helper died, PROTOCOL when the state word holds no state.  A signal
+ * handler that raises (Ctrl-C) ends the wait with that exception. */
 PyObject *exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long long addr, set_state, wait_while, deadline = 0, pid = 0;
@@ -249,22 +270,28 @@ PyObject *exchange(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "exchange() takes 3 to 5 arguments");
         return NULL;
     }
-    if (as_ll(args[0], &addr) || as_ll(args[1], &set_state) || as_ll(args[2], &wait_while) ||
+    if (as_ll(args[1], &set_state) || as_ll(args[2], &wait_while) ||
         (nargs > 3 && as_ll(args[3], &deadline)) || (nargs > 4 && as_ll(args[4], &pid)))
+        return NULL;
+    if (ffg_slot_check(args[0]))
+        addr = (long long)(set_state == ST_CALL ? ffg_slot_begin_call(args[0])
+                                                : ffg_slot_address(args[0]));
+    else if (as_ll(args[0], &addr))
         return NULL;
     if (!addr || (addr & 63)) {
         PyErr_SetString(PyExc_ValueError, "exchange(): bad slot address");
         return NULL;
     }
+    uint32_t raw;
     int rc = run_exchange((slot_head *)(uintptr_t)addr, set_state, (uint32_t)wait_while, deadline,
-                          (pid_t)pid);
+                          (pid_t)pid, &raw);
     if (rc == RC_PYERR)
         return NULL;
     return PyLong_FromLong(rc);
 }
 
 /* configure(side, spin_ns, spin_limit, slice_ns, leases_address=0)
- * leases_address: (MAX_LEASES + 32) * 8 bytes of shared memory (0: private to this
+ * leases_address: FFG_LEASE_WORDS * 8 bytes of shared memory (0: private to this
  * process): the spin leases and the count of calls in flight. */
 PyObject *configure(PyObject *self, PyObject *args)
 {
@@ -279,13 +306,14 @@ PyObject *configure(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "configure(): bad arguments");
         return NULL;
     }
-    side = s;
-    leases = where ? (_Atomic long long *)(uintptr_t)where : local_leases;
-    inflight = (_Atomic int *)&leases[MAX_LEASES + 16];
-    spin_ns = spin;
+    _Atomic long long *words = where ? (_Atomic long long *)(uintptr_t)where : local_leases;
+    atomic_store(&side, s);
+    atomic_store(&leases, words);
+    atomic_store(&inflight, (_Atomic int *)&words[FFG_INFLIGHT_WORD]);
+    atomic_store(&spin_ns, spin);
     atomic_store(&spin_cur, spin);
-    spin_limit = limit;
-    slice_ns = slice;
+    atomic_store(&spin_limit, limit);
+    atomic_store(&slice_ns, slice);
     Py_RETURN_NONE;
 }
 
@@ -293,11 +321,12 @@ PyObject *counters(PyObject *self, PyObject *noargs)
 {
     (void)self;
     (void)noargs;
-    return Py_BuildValue("{sKsKsKsKsL}", "spin_hits", (unsigned long long)atomic_load(&n_spin_hits),
+    return Py_BuildValue("{sKsKsKsKsLsi}", "spin_hits", (unsigned long long)atomic_load(&n_spin_hits),
                          "sleeps", (unsigned long long)atomic_load(&n_sleeps), "wakes",
                          (unsigned long long)atomic_load(&n_wakes), "no_lease",
                          (unsigned long long)atomic_load(&n_no_lease), "spin_budget_ns",
-                         (long long)atomic_load(&spin_cur));
+                         (long long)atomic_load(&spin_cur), "inflight",
+                         atomic_load(ffg_inflight_counter()));
 }
 
 /* map_shared(fd, size, address=0) -> address: mmap(MAP_SHARED) of fd, read-write; at

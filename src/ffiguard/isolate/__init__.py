@@ -10,7 +10,8 @@ next call.  See docs/isolate.md.
 """
 from .errors import (
     ForeignExit, ForeignTimeout, HelperAborted, HelperArithmeticFault, HelperBusError,
-    HelperDied, HelperIllegalInstruction, HelperSegmentationFault, HelperUnavailable,
+    HelperDied, HelperIllegalInstruction, HelperProtocolError, HelperSegmentationFault,
+    HelperUnavailable,
     StaleHandle,
 )
 from .heap import foreign_buffer, foreign_new, in_foreign_heap
@@ -23,7 +24,8 @@ __all__ = [
     "IsolatedCDLL", "IsolatedFunction", "Handle", "foreign_buffer", "foreign_new",
     "in_foreign_heap", "configure_spinning", "restart_helper", "stop_helper", "helper_pid",
     "helper_restarts",
-    "ForeignTimeout", "HelperDied", "ForeignExit", "HelperUnavailable", "StaleHandle",
+    "ForeignTimeout", "HelperDied", "HelperProtocolError", "ForeignExit", "HelperUnavailable",
+    "StaleHandle",
     "HelperSegmentationFault", "HelperBusError", "HelperIllegalInstruction",
     "HelperArithmeticFault", "HelperAborted",
 ]

@@ -40,15 +40,35 @@ def _die_with_host(host_pid):
         os._exit(72)
 
 
+def _usage():
+    """What this process uses now, in bytes: {"VmData": ..., "VmSize": ...} (the
+    kernel checks RLIMIT_DATA against VmData, RLIMIT_AS against VmSize)."""
+    used = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmData", "VmSize"):
+                used[key] = int(value.split()[0]) * 1024  # "kB"
+    return used
+
+
 def _apply_limits(limits):
+    """The limits count what the foreign code uses: "data" and "address_space" are set
+    on top of what the helper uses once started (Python, ffiguard, the library loaded,
+    the slot threads' stacks, the mappings of the heap and the control region: a
+    free-threaded interpreter alone reserves about 1 GiB of data at start-up); "cpu"
+    is the process's CPU time, start-up included (a fraction of a second)."""
     import resource
     names = {"address_space": resource.RLIMIT_AS, "data": resource.RLIMIT_DATA,
              "cpu": resource.RLIMIT_CPU}
+    used = _usage()
+    base = {"address_space": used["VmSize"], "data": used["VmData"], "cpu": 0}
     for key, value in (limits or {}).items():
         res = names[key]
         soft, hard = value if isinstance(value, tuple) else (value, value)
         if key == "cpu" and not isinstance(value, tuple):
             hard = value + 1  # SIGXCPU at the soft limit, SIGKILL a second later
+        soft, hard = (v if v == resource.RLIM_INFINITY else v + base[key] for v in (soft, hard))
         resource.setrlimit(res, (soft, hard))
 
 
@@ -60,13 +80,15 @@ def main():
     try:
         cfg = pickle.loads(sock.recv(1 << 20))
         server = Server(cfg, ctl_fd)
+        server.start()
+        # Last: the limits count what the foreign code uses from here on.
+        _apply_limits(cfg.get("limits"))
     except BaseException as exc:  # report anything, then go
         try:
             from . import _wire
             sock.send(json.dumps(["error", _wire.exception_to_json(exc)]).encode())
         finally:
             os._exit(1)
-    server.start()
     sock.send(json.dumps(["ready", os.getpid()]).encode())
     while True:  # the watchdog: EOF when the host closes the socket or dies
         try:
@@ -86,7 +108,6 @@ class Server:
         self.W = W
         self.exchange = _isolate.exchange
         self.serve_fast = _isolate.serve
-        _apply_limits(cfg.get("limits"))
         self.nslots, self.slot_size = cfg["slots"], cfg["slot_size"]
         self.ctl_size = W.CONTROL_HEAD + self.nslots * self.slot_size
         self.ctl = _isolate.map_shared(ctl_fd, self.ctl_size)
@@ -188,6 +209,10 @@ class Server:
     def register(self, name, argspecs, resspec):
         """Make the function `name` with these argument/result specs callable by id;
         returns (id, address of the function in the helper)."""
+        with self.lock:  # one registration at a time: slot threads run concurrently
+            return self._register(name, argspecs, resspec)
+
+    def _register(self, name, argspecs, resspec):
         W = self.W
         fn = self.lib[name]  # AttributeError for a missing symbol goes back to the host
         address = ctypes.cast(fn, ctypes.c_void_p).value
@@ -229,11 +254,10 @@ class Server:
         resst = struct.Struct("@" + W.wire_code(res)) if res and res[0] in "s" and res[1] in W.SCALAR_CODES else None
         entry = (fn, argst, None if fast else decoders, res, resst, name)
         desc = None if self.use_errno else W.fast_desc(argspecs, res)
-        with self.lock:
-            self.funcs.append(entry)
-            self.fast.append((fn, desc) if desc is not None else None)
-            fid = len(self.funcs) - 1
-        return fid, address
+        # The entry first, then the fast table: serve() in other threads reads it.
+        self.funcs.append(entry)
+        self.fast.append((fn, desc) if desc is not None else None)
+        return len(self.funcs) - 1, address
 
     def callback_decoder(self, cftype, spec, k):
         tramp = cftype(self.trampoline(spec, k))

@@ -16,7 +16,8 @@ from ..faults import (
 )
 
 __all__ = [
-    "HelperDied", "ForeignExit", "ForeignTimeout", "HelperUnavailable", "StaleHandle",
+    "HelperDied", "HelperProtocolError", "ForeignExit", "ForeignTimeout", "HelperUnavailable",
+    "StaleHandle",
     "HelperSegmentationFault", "HelperBusError", "HelperIllegalInstruction",
     "HelperArithmeticFault", "HelperAborted", "died",
 ]
@@ -49,6 +50,12 @@ class HelperDied(_Extra, ForeignFault):
     _extra_names = ("exit_code", "pid")
     exit_code = _extra("exit_code")
     pid = _extra("pid")
+
+
+class HelperProtocolError(HelperDied):
+    """The helper wrote something into the shared call slot that the protocol does not
+    allow (a state word that is no state, a reply length out of bounds, ...), as a
+    foreign library scribbling over memory would: the helper was killed."""
 
 
 class ForeignExit(HelperDied):

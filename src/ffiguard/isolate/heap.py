@@ -1,7 +1,8 @@
 """The foreign heap: shared memory mapped at the same address in the host and in every
 helper process, so that a pointer into it is valid on both sides (zero-copy buffers).
 
-One heap per host process, created on first use: a memfd of FFIGUARD_HEAP_SIZE bytes
+One heap per host process, created on first use (a forked child gets its own, see
+_after_fork_in_child): a memfd of FFIGUARD_HEAP_SIZE bytes
 (default 256 MiB of address space; pages cost memory only once touched), mapped at an
 address picked in a range ordinary mappings do not use, with MAP_FIXED_NOREPLACE so
 that the helpers can map it at the same place.  The host alone allocates in it
@@ -32,6 +33,7 @@ class ForeignHeap:
         self.base = self._map(size)
         self.end = self.base + size
         self._lock = threading.Lock()
+        self.orphaned = False  # a forked child's copy of its parent's heap
         # The first page holds the spin leases (see ffiguard/_isolate/transport.c).
         self._free_offsets = [LEASES_SIZE]  # sorted
         self._free_sizes = {LEASES_SIZE: size - LEASES_SIZE}
@@ -53,6 +55,8 @@ class ForeignHeap:
 
     def alloc(self, n):
         n = max(GRANULE, (n + GRANULE - 1) & ~(GRANULE - 1))
+        if self.orphaned:
+            raise RuntimeError("ffiguard: the foreign heap of the parent process (after fork)")
         with self._lock:
             for off in self._free_offsets:
                 size = self._free_sizes[off]
@@ -67,8 +71,22 @@ class ForeignHeap:
         raise MemoryError("ffiguard foreign heap exhausted (%d bytes in use of %d; set "
                           "FFIGUARD_HEAP_SIZE)" % (self.in_use, self.size))
 
+    def _orphan(self):
+        """In a forked child: this is the parent's heap.  Nothing is allocated from it
+        any more (the child gets a heap of its own); buffers made before the fork stay
+        mapped, shared with the parent, and freeing them does nothing here."""
+        self.orphaned = True
+        self._lock = threading.Lock()  # (another thread may have held it at the fork)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = -1
+
     def free(self, address, n):
         off = address - self.base
+        if self.orphaned:
+            return
         with self._lock:
             self.in_use -= n
             i = bisect.bisect(self._free_offsets, off)
@@ -100,6 +118,17 @@ def heap():
     return _heap
 
 
+def _after_fork_in_child():
+    """A forked child must not allocate from its parent's heap (both would hand out the
+    same addresses, aliased across the processes): it gets its own on first use."""
+    global _heap, _heap_lock
+    _heap_lock = threading.Lock()
+    h = _heap
+    _heap = None
+    if h is not None:
+        h._orphan()
+
+
 def in_foreign_heap(address, n=1):
     """True if [address, address + n) lies in the foreign heap."""
     h = _heap
@@ -112,8 +141,9 @@ _types = {}
 def _placed(ctype):
     """A subclass of ctype whose instances can carry a finalizer (weakref)."""
     t = _types.get(ctype)
-    if t is None:
-        t = _types[ctype] = type(ctype.__name__, (ctype,), {"__module__": ctype.__module__})
+    if t is None:  # (two threads may both make one: setdefault keeps a single one)
+        made = type(ctype.__name__, (ctype,), {"__module__": ctype.__module__})
+        t = _types.setdefault(ctype, made)
     return t
 
 

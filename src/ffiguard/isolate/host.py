@@ -25,7 +25,9 @@ import weakref
 from .. import _isolate
 from ..faults import ForeignFault
 from . import _wire as W
-from .errors import ForeignTimeout, HelperDied, HelperUnavailable, StaleHandle, died
+from . import heap as _heapmod
+from .errors import (ForeignTimeout, HelperDied, HelperProtocolError, HelperUnavailable,
+                     StaleHandle, died)
 from .heap import heap as _get_heap
 
 __all__ = ["IsolatedCDLL", "IsolatedFunction", "Handle", "configure_spinning", "restart_helper",
@@ -35,6 +37,12 @@ _SimpleCData = W._SimpleCData
 _Pointer = W._Pointer
 _CArgObject = type(ctypes.byref(ctypes.c_int()))
 _generations = itertools.count(1)
+_generations_lock = threading.Lock()  # (next() of a count is not atomic without the GIL)
+
+
+def _next_generation():
+    with _generations_lock:
+        return next(_generations)
 
 # ---- spinning policy ----------------------------------------------------------------
 
@@ -64,7 +72,6 @@ def configure_spinning(host_spin_us=None, helper_spin_us=None):
 
 
 def _apply_spinning():
-    from . import heap as _heapmod
     h = _heapmod._heap  # the spin leases live in the foreign heap's first page
     _isolate.configure(0, _HOST_SPIN_NS if _SPIN_LIMIT else 0, _SPIN_LIMIT, 5000000,
                        h.base if h is not None else 0)
@@ -129,26 +136,28 @@ _Slot = _isolate.Slot
 
 
 class _Helper(_isolate.HelperBase):
-    """One helper process, its control region and call slots.  dead, retired, waiters,
-    pid and free live in the C base, where the fast path reads them."""
+    """One helper process, its control region and call slots.  dead, retired, pid and
+    the slot pool live in the C base, where the fast path reads them; the pool unmaps
+    the control region once the helper is dead and every slot is back."""
 
     # Slots, not a __dict__: on 3.11 attribute access to a dict of a subclass of a C
     # type is not specialized (4x slower than a slot), and the call path reads these.
     __slots__ = ("generation", "name", "nslots", "slot_size", "ctl_size", "fids", "lock", "cond",
-                 "returncode", "ctl", "mem", "slots", "popen", "sock", "__dict__", "__weakref__")
+                 "life", "returncode", "ctl", "mem", "slots", "popen", "sock", "__dict__",
+                 "__weakref__")
 
     def __init__(self, lib):
-        self.generation = next(_generations)
+        self.generation = _next_generation()
         self.name = lib._name
         self.nslots, self.slot_size = lib._slots, lib._slot_size
         self.ctl_size = W.CONTROL_HEAD + self.nslots * self.slot_size
         self.fids = {}
-        self.retired = False
-        self.dead = False
         self.returncode = None
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.waiters = 0
+        self.cond = threading.Condition(self.lock)  # threads waiting for a free slot
+        self.life = threading.RLock()  # kill, reap, close
+        self.popen = None
+        self.sock = None
         heap = _get_heap()
         _apply_spinning()
         ctl_fd = os.memfd_create("ffiguard-ctl", os.MFD_CLOEXEC)
@@ -156,6 +165,7 @@ class _Helper(_isolate.HelperBase):
         try:
             os.ftruncate(ctl_fd, self.ctl_size)
             self.ctl = _isolate.map_shared(ctl_fd, self.ctl_size)
+            self._set_region(self.ctl, self.ctl_size)
             mem = memoryview((ctypes.c_char * self.ctl_size).from_address(self.ctl)).cast("B")
             W.U32.pack_into(mem, 0, W.MAGIC)
             self.mem = mem
@@ -170,7 +180,6 @@ class _Helper(_isolate.HelperBase):
                 s.limit = self.slot_size - W.SLOT_HEAD - W.CB_AREA
                 s.cb_off = s.base + self.slot_size - W.CB_AREA
                 self.slots.append(s)
-            self.free = list(reversed(self.slots))
             argv = [sys.executable, "-S", "-c", _BOOT, str(child_sock.fileno()),
                     str(os.getpid()), str(ctl_fd)]
             pass_fds = (child_sock.fileno(), ctl_fd, heap.fd)
@@ -178,6 +187,7 @@ class _Helper(_isolate.HelperBase):
                 argv, pass_fds=pass_fds, close_fds=True, stdin=subprocess.DEVNULL,
                 start_new_session=True))
             self.pid = self.popen.pid
+            self._set_slots(self.slots, self.pid)
         finally:
             os.close(ctl_fd)
             child_sock.close()
@@ -213,73 +223,88 @@ class _Helper(_isolate.HelperBase):
     # slots
 
     def acquire(self):
-        try:
-            return self.free.pop()
-        except IndexError:
-            pass
+        """A free slot (waiting for one if need be), or None once the helper is dead or
+        retired (it takes no new calls)."""
+        slot = self._take()
+        if slot is not None:
+            return slot
         with self.cond:
-            while not self.free:
-                if self.dead:
-                    return None
-                self.waiters += 1
-                try:
+            self._waiting(1)
+            try:
+                while True:
+                    slot = self._take()
+                    if slot is not None or self.dead or self.retired:
+                        return slot
                     self.cond.wait(0.05)
-                finally:
-                    self.waiters -= 1
-            return self.free.pop()
+            finally:
+                self._waiting(-1)
 
     def release(self, slot):
-        self.free.append(slot)
-        if self.waiters or self.retired:
+        flags = self._give(slot)
+        if flags:
+            self._wake(flags)
+
+    def _wake(self, flags):
+        """A slot came back (the C fast path calls this too) and someone waits for one
+        (flags & 1) or the helper is retired (flags & 2): close it once all are back."""
+        if flags & 1:
             with self.cond:
                 self.cond.notify()
-            if self.retired and len(self.free) == self.nslots:
-                self.close()
+        if flags & 2 and self.nfree == self.nslots:
+            self.close()
 
-    # lifetime
+    # lifetime: each ends with _maybe_unmap (the region goes when every slot is back)
 
     def kill(self):
         """SIGKILL the helper and reap it; returns its Popen returncode."""
-        self.dead = True
-        if self.returncode is None:
-            try:
-                self.popen.kill()
-            except OSError:
-                pass
-            self.reap()
+        with self.life:
+            self._set_dead()
+            if self.returncode is None and self.popen is not None:
+                try:
+                    self.popen.kill()
+                except OSError:
+                    pass
+                self.reap()
+        self._maybe_unmap()
         return self.returncode
 
     def reap(self, timeout=5):
-        if self.returncode is None:
-            try:
-                self.returncode = self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.returncode = self.popen.wait()
-            except ChildProcessError:  # someone else reaped it
-                self.returncode = self.popen.returncode
-        self.dead = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        with self.life:
+            if self.returncode is None and self.popen is not None:
+                try:
+                    self.returncode = self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.returncode = self.popen.wait()
+                except ChildProcessError:  # someone else reaped it
+                    self.returncode = self.popen.returncode
+            self._set_dead()
+            if self.sock is not None:
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+        self._maybe_unmap()
         return self.returncode
 
     def close(self):
-        if not self.dead:
-            self.dead = True
-            self.sock.close()  # the helper sees EOF and exits
-            try:
-                self.returncode = self.popen.wait(1)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        with self.life:
+            if not self.dead:
+                self._set_dead()
+                if self.sock is not None:
+                    self.sock.close()  # the helper sees EOF and exits
+                try:
+                    self.returncode = self.popen.wait(1)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+        self._maybe_unmap()
 
     # admin round trips (slow path)
 
     def admin(self, code, request, function=None, deadline=0):
         slot = self.acquire()
         if slot is None:
-            raise HelperUnavailable("the helper of %s is gone" % self.name)
+            raise _HelperGone("the helper of %s is gone" % self.name)
         try:
             data = pickle.dumps(request)
             if len(data) > slot.limit // 2:
@@ -288,13 +313,13 @@ class _Helper(_isolate.HelperBase):
             mem[slot.base + W.SLOT_HEAD:slot.base + W.SLOT_HEAD + len(data)] = data
             W.U32.pack_into(mem, slot.base + W.OFF_OP, W.ADMIN | code)
             W.U32.pack_into(mem, slot.base + W.OFF_REQ_LEN, len(data))
-            st = _isolate.exchange(slot.addr, W.CALL, W.CALL, deadline, self.pid)
+            st = _isolate.exchange(slot, W.CALL, W.CALL, deadline, self.pid)
             if st != W.REPLY:
-                raise _lost(self, st, function, None)
+                raise _lost(self, st, function, None, slot=slot)
             status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
             off = slot.base + W.SLOT_HEAD + W.align(len(data))
             if rep_len > slot.limit:
-                raise _lost(self, -3, function, None)
+                raise _lost(self, _isolate.PROTOCOL, function, None, "reply length out of bounds")
             value = json.loads(bytes(mem[off:off + rep_len]))
             if status != W.OK:
                 raise W.exception_from_json(value)
@@ -303,9 +328,19 @@ class _Helper(_isolate.HelperBase):
             self.release(slot)
 
 
-def _lost(helper, st, function, timeout, why=None):
-    """The exception when a call did not get a reply (st < 0 or a bogus state); the
-    helper is killed (if still alive) and reaped."""
+class _HelperGone(HelperUnavailable):
+    """The helper was closed or retired before the call could take one of its slots
+    (another thread's fault retired it): under restart="always" the call goes to the
+    next helper."""
+
+
+_RETRIES = 8  # helpers a call tries when each is gone before it gets a slot
+
+
+def _lost(helper, st, function, timeout, why=None, slot=None):
+    """The exception when a call did not get a reply: a timeout, the helper's death, or
+    a protocol violation (PROTOCOL: the state word holds no state; a state out of turn;
+    or `why`).  The helper is killed (if still alive) and reaped."""
     if st == _isolate.TIMEOUT:
         helper.kill()
         return ForeignTimeout(
@@ -315,9 +350,22 @@ def _lost(helper, st, function, timeout, why=None):
     if st == _isolate.DEAD:
         rc = helper.reap()
         return died(rc, helper.pid, function, helper.name)
-    rc = helper.kill()
-    return died(rc, helper.pid, function, helper.name,
-                why=why or "(after breaking the call protocol: state %d)" % st)
+    # The helper wrote something the protocol does not allow into shared memory: it is
+    # not trusted any further.
+    if why is None:
+        if st == _isolate.PROTOCOL:
+            raw = W.U32.unpack_from(slot.mem, slot.base)[0] if slot is not None else None
+            why = ("the state word holds 0x%08x, which is no slot state" % raw
+                   if raw is not None else "the state word holds no slot state")
+        else:
+            why = "state %d out of turn" % st
+    helper.kill()
+    return HelperProtocolError(
+        "the helper process (pid %d) of %s broke the call protocol (%s)%s; it was killed"
+        % (helper.pid, helper.name, why, " during call to %s" % function if function else ""),
+        signal=None, exit_code=None, pid=helper.pid, function=function, code=None,
+        code_name=None, address=None, pc=None, library=None, symbol=None, frames=[],
+        registers={}, access=None, sp=None)
 
 
 # ---- libraries and functions -----------------------------------------------------------
@@ -395,9 +443,7 @@ class IsolatedCDLL:
         stopped once the calls in progress on it are done."""
         if self._restart != "always":
             return
-        with helper.cond:
-            helper.retired = True
-        if len(helper.free) == helper.nslots:
+        if helper._set_retired():  # every slot is free: nothing runs on it any more
             helper.close()
 
     # No public methods or properties: every public name is looked up as a function of
@@ -439,8 +485,13 @@ class IsolatedCDLL:
     def __getitem__(self, name):
         if not isinstance(name, str):
             raise TypeError("isolate mode looks functions up by name only")
-        _, address = self._live_helper().admin(W.ADMIN_REGISTER, (name, None, None), name)
-        return IsolatedFunction(self, name, address)
+        for retry in range(_RETRIES):
+            try:
+                _, address = self._live_helper().admin(W.ADMIN_REGISTER, (name, None, None), name)
+                return IsolatedFunction(self, name, address)
+            except _HelperGone:  # retired by another thread's fault meanwhile
+                if self._restart != "always" or retry == _RETRIES - 1:
+                    raise
 
 
 def restart_helper(lib):
@@ -472,17 +523,24 @@ def _after_fork_in_child():
     """A forked child must not share its parent's helpers (nor their call slots): it
     forgets them (without killing them: they are the parent's) and starts its own on
     its first call."""
-    global _spawn_queue
+    global _spawn_queue, _spawn_lock, _generations_lock
     _spawn_queue = None
+    _spawn_lock = threading.Lock()  # (held by another thread at fork: never released here)
+    _generations_lock = threading.Lock()
+    # The foreign heap is the parent's: this process gets a heap of its own on first use
+    # (buffers made before the fork stay shared with the parent).
+    _heapmod._after_fork_in_child()
+    _apply_spinning()
     for lib in list(_libraries):
         h = lib._helper
         if h is not None:
-            h.dead = True
+            h._set_dead()
             h.returncode = None
             try:
                 h.sock.close()  # our copy only: the parent's helper must still see its EOF
             except OSError:
                 pass
+            h._maybe_unmap()  # (this copy of the parent's control region)
             lib._box[0] = None
             lib._helper = None
         lib._lock = threading.Lock()
@@ -617,23 +675,37 @@ class IsolatedFunction(_isolate.FunctionBase):
         if plan is None or len(args) != len(plan.specs):
             plan = self._compile(args)
         lib = self._lib
-        helper = lib._helper
-        if helper is None or helper.dead or helper.retired:
-            helper = lib._live_helper()
-        fid = helper.fids.get(plan.key)
-        if fid is None:
-            fid = self._register(helper, plan)
-        if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
-                self._plan is plan or self._argtypes is None):
-            # Number-only: from now on the C base makes such calls itself.  (Without
-            # argtypes it binds the first arity seen; others keep taking this path.)
-            self._bind_fast(helper, fid, plan.fastdesc, float(lib._timeout or 0))
-            self._bound = helper
-        timeout = self.timeout if self.timeout is not None else lib._timeout
-        deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
-        slot = helper.acquire()
-        if slot is None:
-            raise HelperUnavailable("the helper of %s is gone" % lib._name)
+        retry = 0
+        while True:
+            helper = lib._helper
+            if helper is None or helper.dead or helper.retired:
+                helper = lib._live_helper()
+            try:
+                fid = helper.fids.get(plan.key)
+                if fid is None:
+                    fid = self._register(helper, plan)
+            except _HelperGone:
+                retry += 1
+                if lib._restart != "always" or retry == _RETRIES:
+                    raise
+                continue
+            if plan.fastdesc is not None and self._bound is not helper and not lib._use_errno and (
+                    self._plan is plan or self._argtypes is None):
+                # Number-only: from now on the C base makes such calls itself.  (Without
+                # argtypes it binds the first arity seen; others keep taking this path.)
+                self._bind_fast(helper, fid, plan.fastdesc, float(lib._timeout or 0))
+                self._bound = helper
+            timeout = self.timeout if self.timeout is not None else lib._timeout
+            deadline = time.monotonic_ns() + int(timeout * 1e9) if timeout else 0
+            slot = helper._take()  # (acquire() below when none is free: it waits)
+            if slot is None:
+                slot = helper.acquire()
+            if slot is not None:
+                break
+            retry += 1
+            if lib._restart != "always" or retry == _RETRIES:
+                raise HelperUnavailable("the helper of %s is gone" % lib._name)
+            # retired (another thread's fault) or closed since we looked: the next one
         ctx = None
         try:
             mem = slot.mem
@@ -651,19 +723,20 @@ class IsolatedFunction(_isolate.FunctionBase):
             if lib._use_errno:
                 W.I32.pack_into(mem, slot.base + W.OFF_ERRNO, ctypes.get_errno())
             try:
-                st = _isolate.exchange(slot.addr, W.CALL, W.CALL, deadline, helper.pid)
+                st = _isolate.exchange(slot, W.CALL, W.CALL, deadline, helper.pid)
                 while st == W.CB_REQ:
                     self._callback(slot, plan, args, ctx)
-                    st = _isolate.exchange(slot.addr, W.CB_RET, W.CB_RET, deadline, helper.pid)
+                    st = _isolate.exchange(slot, W.CB_RET, W.CB_RET, deadline, helper.pid)
             except BaseException:  # Ctrl-C (or a failing callback machinery): the call is lost
                 helper.kill()
                 raise
             if st != W.REPLY:
-                raise _lost(helper, st, self.__name__, timeout)
+                raise _lost(helper, st, self.__name__, timeout, slot=slot)
             status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
             rep_off = slot.base + W.SLOT_HEAD + W.align(req_len)
             if rep_len > slot.limit:
-                raise _lost(helper, -3, self.__name__, timeout, "(reply length out of bounds)")
+                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout,
+                            "reply length out of bounds")
             if lib._use_errno:
                 ctypes.set_errno(W.I32.unpack_from(mem, slot.base + W.OFF_ERRNO)[0])
             if ctx is not None:
@@ -678,7 +751,9 @@ class IsolatedFunction(_isolate.FunctionBase):
         finally:
             if ctx is not None:
                 ctx.release()
-            helper.release(slot)
+            flags = helper._give(slot)  # (helper.release, inline)
+            if flags:
+                helper._wake(flags)
         if self.errcheck is not None:
             return self.errcheck(result, self, args)
         return result
@@ -693,14 +768,15 @@ class IsolatedFunction(_isolate.FunctionBase):
                 return None
             if st == W.CB_REQ:
                 k = W.U32.unpack_from(slot.mem, slot.base + W.OFF_OP)[0]
-                raise _lost(helper, -3, self.__name__, None,
-                            "(callback request for argument %d)" % k)
+                raise _lost(helper, _isolate.PROTOCOL, self.__name__, None,
+                            "callback request for argument %d of a function without one" % k)
             if st != W.REPLY:
-                raise _lost(helper, st, self.__name__, timeout)
+                raise _lost(helper, st, self.__name__, timeout, slot=slot)
             mem = slot.mem
             status, rep_len = _HEAD2.unpack_from(mem, slot.base + W.OFF_STATUS)
             if rep_len > slot.limit:
-                raise _lost(helper, -3, self.__name__, timeout, "(reply length out of bounds)")
+                raise _lost(helper, _isolate.PROTOCOL, self.__name__, timeout,
+                            "reply length out of bounds")
             if status == W.OK:
                 return None  # the C side failed after a good reply; it raises its error
             raise self._failure(helper, status, mem, slot.base + W.SLOT_HEAD + W.align(req_len),
@@ -732,8 +808,8 @@ class IsolatedFunction(_isolate.FunctionBase):
         mem = slot.mem
         k = W.U32.unpack_from(mem, slot.base + W.OFF_OP)[0]
         if k >= len(plan.specs) or plan.specs[k][0] != "cfunc":
-            raise _lost(ctx.helper if ctx else self._lib._helper, -3, self.__name__, None,
-                        "(callback request for argument %d)" % k)
+            raise _lost(ctx.helper if ctx else self._lib._helper, _isolate.PROTOCOL, self.__name__,
+                        None, "callback request for argument %d, which is no callback" % k)
         spec = plan.specs[k]
         fn = args[k]
         rescode, argst, kinds = _callback_codes(spec)
