@@ -3,10 +3,10 @@
  * EVERYTHING IN THIS FILE THAT RUNS IN A SIGNAL HANDLER IS ASYNC-SIGNAL-SAFE: no malloc,
  * no stdio, no locks, no Python API except PyGILState_Check (see guarded_frame). It
  * reads and writes only the faulting thread's own mmap'd state, the saved signal
- * context, and atomic counters. Unwinding uses libgcc's unwinder, which with
- * glibc >= 2.35 finds unwind tables through _dl_find_object, lock-free; a fault inside
- * the unwinder itself is escaped with siglongjmp (see capture_pcs). The module is
- * linked with -z now, so no lazy symbol binding happens in here.
+ * context, and atomic counters. The backtrace comes from our own unwinder (unwind.c),
+ * which takes no lock and checks its reads; a fault inside it is still escaped with
+ * siglongjmp (see capture_pcs). The module is linked with -z now, so no lazy symbol
+ * binding happens in here.
  *
  * A fault is recovered only when all of these hold: the faulting thread is inside a
  * guarded call (its guard stack has a frame), the fault is not in the thunk itself,
@@ -26,13 +26,13 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <unwind.h>
 
 static uint64_t recovered[FFG_NSIGNALS]; /* atomic counters */
 /* Whether the last recorded SIGSEGV/SIGBUS with an address had its access kind in the
  * saved context: always on x86-64 (page-fault error code); on AArch64 only with an ESR
  * record, which qemu-user never writes. -1 before the first such fault. */
 static int access_in_context = -1;
+static uint64_t unwind_escapes; /* atomic: faults inside the unwinder, escaped (see capture_pcs) */
 
 static int in_thunk(uintptr_t pc)
 {
@@ -76,44 +76,38 @@ static int is_stack_overflow(const struct ffg_thread *t, const struct ffg_fault 
     return !t->stack_lo || sp < t->stack_lo + 256 * 1024 || a < t->stack_lo;
 }
 
-static _Unwind_Reason_Code unwind_step(struct _Unwind_Context *ctx, void *arg)
+/* Raw return addresses of the foreign frames, innermost first; symbolized later, in
+ * normal context. Our own unwinder (unwind.c) takes no lock and reads the stack only
+ * between the fault's sp (less the red zone) and the guard frame's sp, within the
+ * thread's stack. A read it cannot check (unwind tables of a library another thread
+ * unmaps right now) could still fault: the handler runs with SA_NODEFER, so that fault
+ * re-enters it, sees t->unwinding and jumps back here with what was collected so far
+ * (nothing is left locked: the unwinder holds no lock). */
+static void walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                 const ucontext_t *uc)
 {
-    struct ffg_fault *r = arg;
-    int before_insn = 0;
-    uintptr_t ip = (uintptr_t)_Unwind_GetIPInfo(ctx, &before_insn);
-    if (r->npcs == 0) {
-        /* Skip this handler's own frames: the faulting frame is the one the signal
-         * frame resumes, at exactly the saved pc. */
-        if (!(before_insn && ip == r->pc))
-            return _URC_NO_REASON;
+    uintptr_t lo = r->sp - FFG_RED_ZONE, hi = f->sp;
+    if (lo > r->sp)
+        lo = 0; /* sp within the red zone of address 0: nothing to read anyway */
+    if (t->stack_hi) {
+        lo = lo > t->stack_lo ? lo : t->stack_lo;
+        hi = hi < t->stack_hi ? hi : t->stack_hi;
     }
-    if (in_thunk(ip)) /* the foreign call's caller: the end of the foreign frames */
-        return _URC_END_OF_STACK;
-    r->pcs[r->npcs++] = ip;
-    return r->npcs < FFG_MAX_PCS ? _URC_NO_REASON : _URC_END_OF_STACK;
+    ffg_unwind(uc, lo, hi, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
 }
 
-/* Raw return addresses of the foreign frames, innermost first; symbolized later, in
- * normal context. A corrupt stack can make the unwinder itself fault: the handler
- * runs with SA_NODEFER, so that fault re-enters it, sees t->unwinding and jumps back
- * here with what was collected so far. */
-static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r, const ucontext_t *uc)
+static void capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                        const ucontext_t *uc)
 {
     r->npcs = 0;
     t->unwinding = 1;
     if (sigsetjmp(t->unwind_escape, 0) == 0)
-        _Unwind_Backtrace(unwind_step, r);
+        walk(t, f, r, uc);
+    else
+        __atomic_fetch_add(&unwind_escapes, 1, __ATOMIC_RELAXED);
     t->unwinding = 0;
     if (r->npcs == 0)
-        r->pcs[r->npcs++] = r->pc; /* no unwind info at all for the pc */
-    if (r->npcs == 1 && r->access == FFG_ACCESS_EXEC) {
-        /* A call to a bad address (e.g. through NULL): the unwinder knows nothing of
-         * the pc, but the call left its return address where the architecture keeps it
-         * (x86-64: on top of the stack; AArch64: in x30). */
-        uintptr_t ret = ffg_uc_call_return(uc, t->stack_lo, t->stack_hi);
-        if (ret)
-            r->pcs[r->npcs++] = ret;
-    }
+        r->pcs[r->npcs++] = r->pc;
 }
 
 /* Under AddressSanitizer, the frames a recovery skips leave their stack red zones
@@ -149,7 +143,7 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     }
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
-    capture_pcs(t, r, uc);
+    capture_pcs(t, f, r, uc);
     __atomic_fetch_add(&recovered[signo], 1, __ATOMIC_RELAXED);
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
 }
@@ -189,5 +183,7 @@ uint64_t ffg_recovered_count(int signo)
         total += __atomic_load_n(&recovered[s], __ATOMIC_RELAXED);
     return total;
 }
+
+uint64_t ffg_unwind_escapes(void) { return __atomic_load_n(&unwind_escapes, __ATOMIC_RELAXED); }
 
 int ffg_access_in_context(void) { return __atomic_load_n(&access_in_context, __ATOMIC_RELAXED); }

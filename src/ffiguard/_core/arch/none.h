@@ -29,11 +29,6 @@ static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *fr
     *from_context = 0;
     return 0;
 }
-static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t lo, uintptr_t hi)
-{
-    (void)uc, (void)lo, (void)hi;
-    return 0;
-}
 static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame, uintptr_t resume)
 {
     (void)uc, (void)frame, (void)resume;
