@@ -303,18 +303,27 @@ def _message(exc):
     return " ".join(parts)
 
 
+_CLASS_OF = {int(signum): cls for signum, cls in _CLASSES.items()}  # by plain int: no enum hashing
+_SIGSEGV = int(_signal.SIGSEGV)
+_new_exception = BaseException.__new__
+
+
 def from_record(record, function, args=(), kwnames=None, policy=None):
     """The exception for a fault record made by the signal handler (_core); called by
     _core on the fault path, so everything but the class is worked out lazily. `args`
     are the Python arguments of the call (keyword values last, named by `kwnames`);
-    `policy` is the library's _core.Policy or None."""
+    `policy` is the library's _core.Policy or None. What ForeignFault._from_record
+    does, inline: this is the one Python frame of the fault path besides the policy's."""
     signum = record[REC_SIGNAL]
-    if signum == _signal.SIGSEGV and record[REC_STACK_OVERFLOW]:
+    if signum == _SIGSEGV and record[REC_STACK_OVERFLOW]:
         cls = ForeignStackOverflow
     else:
-        cls = _CLASSES.get(signum, ForeignFault)
-    return _after_fault(cls._from_record(record, function, (args, kwnames)),
-                        record[REC_FRAMES], policy)
+        cls = _CLASS_OF.get(signum, ForeignFault)
+    exc = _new_exception(cls)
+    exc._raw = record
+    exc._values = {"function": function}
+    exc._call = (args, kwnames)
+    return _after_fault(exc, record[REC_FRAMES], policy)
 
 
 from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)

@@ -8,6 +8,8 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <pthread.h>
+#include <string.h>
 
 PyObject *ffg_fault_factory;
 const char *const ffg_access_names[] = {NULL, "read", "write", "execute"};
@@ -34,7 +36,54 @@ static struct ffg_thread *ffg_thread_state(void)
 }
 
 
-/* The fault record as a tuple, cheap to make (the fault path is measured): (signal,
+/* The str for a C string that names something loaded (a library path, a symbol, an
+ * access kind), from a small cache: a fault loop hits the same few names, and making
+ * each str anew (decoding, hashing) was a measurable part of the fault path. An entry
+ * is found by the C string's address and checked by its content (the address of a
+ * name of an unloaded library may be reused for another). Normal context only; the
+ * mutex makes it safe without the GIL (free-threaded builds). New reference, or NULL
+ * with an exception set. */
+#define FFG_STR_CACHE 16
+
+static struct {
+    const char *key;
+    PyObject *bytes; /* the C string as it was: what a lookup compares */
+    PyObject *str;   /* owned by the cache */
+} ffg_str_cache[FFG_STR_CACHE];
+static unsigned ffg_str_cache_next;
+static pthread_mutex_t ffg_str_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static PyObject *ffg_cached_str(const char *s)
+{
+    PyObject *found = NULL;
+    pthread_mutex_lock(&ffg_str_cache_lock);
+    for (int i = 0; i < FFG_STR_CACHE && !found; i++) {
+        if (ffg_str_cache[i].key == s && strcmp(PyBytes_AS_STRING(ffg_str_cache[i].bytes), s) == 0)
+            found = Py_NewRef(ffg_str_cache[i].str);
+    }
+    pthread_mutex_unlock(&ffg_str_cache_lock);
+    if (found)
+        return found;
+    PyObject *str = PyUnicode_DecodeFSDefault(s); /* as os.fsdecode: any bytes */
+    PyObject *bytes = str ? PyBytes_FromString(s) : NULL;
+    if (!bytes) {
+        Py_XDECREF(str);
+        return NULL;
+    }
+    pthread_mutex_lock(&ffg_str_cache_lock);
+    unsigned slot = ffg_str_cache_next++ % FFG_STR_CACHE;
+    PyObject *old_str = ffg_str_cache[slot].str, *old_bytes = ffg_str_cache[slot].bytes;
+    ffg_str_cache[slot].key = s;
+    ffg_str_cache[slot].bytes = bytes;
+    ffg_str_cache[slot].str = Py_NewRef(str);
+    pthread_mutex_unlock(&ffg_str_cache_lock);
+    Py_XDECREF(old_str); /* outside the lock: nothing runs under it but the copying */
+    Py_XDECREF(old_bytes);
+    return str;
+}
+
+/* The fault record as a tuple, cheap to make (the fault path is measured: built item
+ * by item, no format string to parse): (signal,
  * code, address or None, pc, sp, access or None, stack_overflow, frames as native
  * uint64 bytes, registers as native uint64 bytes, ffg_describe(pc)); faults.py names
  * these positions (REC_*), the only place that reads them.
@@ -42,19 +91,33 @@ static struct ffg_thread *ffg_thread_state(void)
  * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
 static PyObject *ffg_fault_as_tuple(const struct ffg_fault *r)
 {
-    PyObject *address = r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None);
-    if (!address)
+    enum { REC_FIELDS = 10 };
+    PyObject *t = PyTuple_New(REC_FIELDS);
+    if (!t)
         return NULL;
-    PyObject *where = ffg_describe(r->pc);
-    if (!where) {
-        Py_DECREF(address);
-        return NULL;
+    const char *access = ffg_access_names[r->access];
+    int npcs = r->npcs;
+    PyObject *items[REC_FIELDS] = {
+        PyLong_FromLong(r->signo),
+        PyLong_FromLong(r->code),
+        r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None),
+        PyLong_FromUnsignedLongLong(r->pc),
+        PyLong_FromUnsignedLongLong(r->sp),
+        access ? ffg_cached_str(access) : Py_NewRef(Py_None),
+        Py_NewRef(r->stack_overflow ? Py_True : Py_False),
+        PyBytes_FromStringAndSize((const char *)r->pcs, (Py_ssize_t)(npcs * sizeof r->pcs[0])),
+        PyBytes_FromStringAndSize((const char *)r->regs, (Py_ssize_t)sizeof r->regs),
+        ffg_describe(r->pc),
+    };
+    int ok = 1;
+    for (int i = 0; i < REC_FIELDS; i++) {
+        if (!items[i])
+            ok = 0;
+        PyTuple_SET_ITEM(t, i, items[i] ? items[i] : Py_NewRef(Py_None));
     }
-    return Py_BuildValue("(iiNKKzOy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
-                         (unsigned long long)r->sp,
-                         ffg_access_names[r->access], r->stack_overflow ? Py_True : Py_False,
-                         (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
-                         (const char *)r->regs, (Py_ssize_t)sizeof r->regs, where);
+    if (!ok)
+        Py_CLEAR(t); /* an exception is set */
+    return t;
 }
 
 /* Turn this thread's pending fault into the exception, consuming the record. Whatever
@@ -321,7 +384,28 @@ PyObject *ffg_describe(uintptr_t pc)
         info.dli_sname = NULL;
         start = 0;
     }
-    return Py_BuildValue("(sKzK)", info.dli_fname, (unsigned long long)(uintptr_t)info.dli_fbase,
-                         info.dli_sname, (unsigned long long)start);
+    PyObject *path = ffg_cached_str(info.dli_fname);
+    PyObject *symbol = info.dli_sname ? ffg_cached_str(info.dli_sname) : Py_NewRef(Py_None);
+    PyObject *base = PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)info.dli_fbase);
+    PyObject *symbol_address = PyLong_FromUnsignedLongLong((unsigned long long)start);
+    if (!path || !symbol || !base || !symbol_address) {
+        Py_XDECREF(path);
+        Py_XDECREF(symbol);
+        Py_XDECREF(base);
+        Py_XDECREF(symbol_address);
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(4);
+    if (!t) {
+        Py_DECREF(path);
+        Py_DECREF(symbol);
+        Py_DECREF(base);
+        Py_DECREF(symbol_address);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, path);
+    PyTuple_SET_ITEM(t, 1, base);
+    PyTuple_SET_ITEM(t, 2, symbol);
+    PyTuple_SET_ITEM(t, 3, symbol_address);
+    return t;
 }
-
