@@ -20,7 +20,8 @@ the process as suspect: save what matters, and prefer restarting it (or isolatin
 library) over carrying on for long."""
 
 
-# Positions in the raw fault record made by _core (fault_as_tuple in _core/module.c).
+# Positions in the raw fault record made by _core (fault_as_tuple in _core/guarded.c,
+# which knows REC_FRAMES and the count too).
 REC_SIGNAL, REC_CODE, REC_ADDRESS, REC_PC, REC_SP, REC_ACCESS, REC_STACK_OVERFLOW, \
     REC_FRAMES, REC_REGISTERS, REC_WHERE = range(10)
 
@@ -329,4 +330,5 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
 from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)
 
 _core.set_fault_factory(from_record)
+_core.set_fault_types(_CLASS_OF, ForeignStackOverflow, ForeignFault, _after_fault)  # from_record, in C
 _core.set_quarantine_error(LibraryQuarantined)

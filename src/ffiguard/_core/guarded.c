@@ -12,6 +12,103 @@
 #include <string.h>
 
 PyObject *ffg_fault_factory;
+
+/* Positions in the record tuple (faults.py's REC_*: keep both in step). */
+#define REC_FRAMES_INDEX 7
+#define REC_FIELD_COUNT 10
+
+/* The fast way to the exception, set at import by ffiguard.faults (set_fault_types):
+ * the class for each signal number, the stack-overflow class, the fallback class, and
+ * the policy step (ffiguard.policy.after_fault). With them the exception is made here,
+ * as faults.from_record would make it, without that Python frame. */
+static struct {
+    PyObject *classes;        /* dict: signal number -> class */
+    PyObject *stack_overflow; /* ForeignStackOverflow */
+    PyObject *fallback;       /* ForeignFault */
+    PyObject *after_fault;    /* after_fault(exc, raw frames, policy) -> exc */
+    PyObject *key_raw, *key_values, *key_call, *key_function; /* interned attribute names */
+    PyObject *empty; /* () */
+} ffg_fast;
+
+int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *fallback, PyObject *after_fault)
+{
+    if (!PyDict_Check(classes) || !PyType_Check(stack_overflow) || !PyType_Check(fallback) ||
+        !PyCallable_Check(after_fault)) {
+        PyErr_SetString(PyExc_TypeError, "set_fault_types(dict, type, type, callable)");
+        return -1;
+    }
+    PyObject *key;
+    Py_ssize_t pos = 0;
+    PyObject *value;
+    while (PyDict_Next(classes, &pos, &key, &value)) {
+        if (!PyLong_Check(key) || !PyType_Check(value) ||
+            !PyType_IsSubtype((PyTypeObject *)value, (PyTypeObject *)PyExc_BaseException)) {
+            PyErr_SetString(PyExc_TypeError, "set_fault_types: classes maps signal numbers to exception classes");
+            return -1;
+        }
+    }
+    if (!ffg_fast.key_raw) {
+        ffg_fast.key_raw = PyUnicode_InternFromString("_raw");
+        ffg_fast.key_values = PyUnicode_InternFromString("_values");
+        ffg_fast.key_call = PyUnicode_InternFromString("_call");
+        ffg_fast.key_function = PyUnicode_InternFromString("function");
+        ffg_fast.empty = PyTuple_New(0);
+        if (!ffg_fast.key_raw || !ffg_fast.key_values || !ffg_fast.key_call || !ffg_fast.key_function ||
+            !ffg_fast.empty)
+            return -1;
+    }
+    Py_XSETREF(ffg_fast.classes, PyDict_Copy(classes));
+    if (!ffg_fast.classes)
+        return -1;
+    Py_XSETREF(ffg_fast.stack_overflow, Py_NewRef(stack_overflow));
+    Py_XSETREF(ffg_fast.fallback, Py_NewRef(fallback));
+    Py_XSETREF(ffg_fast.after_fault, Py_NewRef(after_fault));
+    return 0;
+}
+
+/* faults.from_record in C: cls.__new__(cls) (BaseException's: no __init__ runs), then
+ * _raw, _values, _call in the instance's __dict__ (plain attributes of ForeignFault,
+ * no descriptors: the same as setting them), then the policy step. New reference. */
+static PyObject *ffg_fast_exception(const struct ffg_fault *r, PyObject *record, PyObject *name,
+                                    PyObject *call_args, PyObject *kwnames, PyObject *policy)
+{
+    PyObject *cls = NULL;
+    if (r->signo == SIGSEGV && r->stack_overflow) {
+        cls = ffg_fast.stack_overflow;
+    } else {
+        PyObject *signo = PyLong_FromLong(r->signo);
+        if (!signo)
+            return NULL;
+        cls = PyDict_GetItemWithError(ffg_fast.classes, signo); /* borrowed; the dict is ours */
+        Py_DECREF(signo);
+        if (!cls && PyErr_Occurred())
+            return NULL;
+        if (!cls)
+            cls = ffg_fast.fallback;
+    }
+    PyTypeObject *type = (PyTypeObject *)cls;
+    PyObject *exc = type->tp_new(type, ffg_fast.empty, NULL);
+    if (!exc)
+        return NULL;
+    PyObject *dict = PyObject_GenericGetDict(exc, NULL);
+    PyObject *values = PyDict_New();
+    PyObject *call = PyTuple_Pack(2, call_args, kwnames ? kwnames : Py_None);
+    int ok = dict && values && call && PyDict_SetItem(values, ffg_fast.key_function, name) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_raw, record) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_values, values) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_call, call) == 0;
+    Py_XDECREF(dict);
+    Py_XDECREF(values);
+    Py_XDECREF(call);
+    if (!ok) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    PyObject *frames = PyTuple_GET_ITEM(record, REC_FRAMES_INDEX);
+    PyObject *result = PyObject_CallFunctionObjArgs(ffg_fast.after_fault, exc, frames, policy, NULL);
+    Py_DECREF(exc);
+    return result;
+}
 const char *const ffg_access_names[] = {NULL, "read", "write", "execute"};
 
 
@@ -91,7 +188,7 @@ static PyObject *ffg_cached_str(const char *s)
  * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
 static PyObject *ffg_fault_as_tuple(const struct ffg_fault *r)
 {
-    enum { REC_FIELDS = 10 };
+    enum { REC_FIELDS = REC_FIELD_COUNT };
     PyObject *t = PyTuple_New(REC_FIELDS);
     if (!t)
         return NULL;
@@ -143,10 +240,12 @@ static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, Py
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_args); i++)
             PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
     PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
-    PyObject *exc = record && call_args && ffg_fault_factory
-                        ? PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
-                                                       kwnames ? kwnames : Py_None, policy, NULL)
-                        : NULL;
+    PyObject *exc = NULL;
+    if (record && call_args && ffg_fast.after_fault)
+        exc = ffg_fast_exception(&copy, record, self->name, call_args, kwnames, policy);
+    else if (record && call_args && ffg_fault_factory)
+        exc = PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
+                                           kwnames ? kwnames : Py_None, policy, NULL);
     Py_XDECREF(record);
     Py_XDECREF(call_args);
     if (!exc && !PyErr_Occurred())

@@ -189,6 +189,17 @@ static PyObject *ffg_m_set_fault_factory(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *ffg_m_set_fault_types(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *classes, *stack_overflow, *fallback, *after_fault;
+    if (!PyArg_ParseTuple(args, "OOOO:set_fault_types", &classes, &stack_overflow, &fallback, &after_fault))
+        return NULL;
+    if (ffg_set_fault_types(classes, stack_overflow, fallback, after_fault) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *ffg_m_set_quarantine_error(PyObject *mod, PyObject *arg)
 {
     (void)mod;
@@ -223,6 +234,9 @@ static PyMethodDef ffg_methods[] = {
     {"_set_unwind_available", ffg_m_set_unwind_available, METH_O,
      "_set_unwind_available(flag): tests only; False behaves as without _dl_find_object"},
     {"set_fault_factory", ffg_m_set_fault_factory, METH_O, "set the record -> exception callable"},
+    {"set_fault_types", ffg_m_set_fault_types, METH_VARARGS,
+     "set_fault_types(classes by signal number, stack overflow class, fallback class, after_fault): "
+     "the exception is then made in C, as faults.from_record would"},
     {NULL, NULL, 0, NULL},
 };
 

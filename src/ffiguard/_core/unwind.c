@@ -368,16 +368,28 @@ static int ffg_parse_fde(const unsigned char *fde, struct ffg_fde *f)
     return 1;
 }
 
+/* The last object found during one walk: most callers are in the same object as their
+ * callee, and then _dl_find_object is not asked again. */
+struct ffg_object_cache {
+    uintptr_t map_start, map_end; /* map_end == 0: empty */
+    const unsigned char *eh_frame_hdr;
+};
+
 /* The FDE covering pc, through the object's .eh_frame_hdr search table. */
-static int ffg_find_fde(uintptr_t pc, struct ffg_fde *f)
+static int ffg_find_fde(uintptr_t pc, struct ffg_fde *f, struct ffg_object_cache *cache)
 {
-    ffg_find_object_fn find = __atomic_load_n(&ffg_find_object, __ATOMIC_ACQUIRE);
-    struct ffg_dl_find_object obj;
-    if (!find || find((void *)pc, &obj) != 0 || !obj.eh_frame)
-        return 0;
-    f->map_start = (uintptr_t)obj.map_start;
-    f->map_end = (uintptr_t)obj.map_end;
-    const unsigned char *hdr = obj.eh_frame;
+    if (!(pc >= cache->map_start && pc < cache->map_end)) {
+        ffg_find_object_fn find = __atomic_load_n(&ffg_find_object, __ATOMIC_ACQUIRE);
+        struct ffg_dl_find_object obj;
+        if (!find || find((void *)pc, &obj) != 0 || !obj.eh_frame)
+            return 0;
+        cache->map_start = (uintptr_t)obj.map_start;
+        cache->map_end = (uintptr_t)obj.map_end;
+        cache->eh_frame_hdr = obj.eh_frame;
+    }
+    f->map_start = cache->map_start;
+    f->map_end = cache->map_end;
+    const unsigned char *hdr = cache->eh_frame_hdr;
     if ((uintptr_t)hdr < f->map_start || (uintptr_t)hdr >= f->map_end)
         return 0;
     struct ffg_cursor c = {hdr, (const unsigned char *)f->map_end, 0};
@@ -414,8 +426,8 @@ static int ffg_find_fde(uintptr_t pc, struct ffg_fde *f)
 enum ffg_rule_kind { RULE_SAME, RULE_UNDEFINED, RULE_OFFSET, RULE_VAL_OFFSET, RULE_REGISTER, RULE_UNSUPPORTED };
 
 struct ffg_rule {
+    int32_t value; /* offset from the CFA, or the register number */
     unsigned char kind;
-    int64_t value; /* offset from the CFA, or the register number */
 };
 
 struct ffg_row {
@@ -434,8 +446,9 @@ struct ffg_cfa_state {
 static void ffg_set_rule(struct ffg_row *row, uint64_t reg, unsigned kind, int64_t value)
 {
     if (reg < FFG_UNW_NREGS) { /* others (vector registers) are not needed for the walk */
-        row->reg[reg].kind = (unsigned char)kind;
-        row->reg[reg].value = value;
+        int fits = value >= INT32_MIN && value <= INT32_MAX;
+        row->reg[reg].kind = (unsigned char)(fits ? kind : RULE_UNSUPPORTED);
+        row->reg[reg].value = fits ? (int32_t)value : 0;
     }
 }
 
@@ -595,16 +608,17 @@ static int ffg_in_thunk(uintptr_t pc) { return pc >= (uintptr_t)&ffg_thunk && pc
 
 /* One step from the frame (reg, *pc) to its caller: 1 and the caller's registers, or 0
  * when the walk must end. first: pc is the faulting instruction itself. */
-static int ffg_step(uintptr_t *reg, uintptr_t *pc, int first, const struct ffg_stack *stack)
+static int ffg_step(uintptr_t *reg, uintptr_t *pc, int first, const struct ffg_stack *stack,
+                    struct ffg_object_cache *cache)
 {
     struct ffg_fde f;
     uintptr_t target = first ? *pc : *pc - 1; /* a return address: look up the call */
-    if (!ffg_find_fde(target, &f))
+    if (!ffg_find_fde(target, &f, cache))
         return 0;
     struct ffg_cfa_state s;
     memset(&s.row, 0, sizeof s.row); /* RULE_SAME everywhere: what libgcc assumes too */
+    memset(&s.initial, 0, sizeof s.initial); /* DW_CFA_restore inside the CIE: same value */
     s.nsaved = 0;
-    s.initial = s.row;
     if (!ffg_run_cfa(f.cie_insns, f.cie_insns_end, &f, (uintptr_t)-1, &s))
         return 0;
     s.initial = s.row;
@@ -661,6 +675,7 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
     uintptr_t reg[FFG_UNW_NREGS];
     uintptr_t pc = ffg_uc_pc(uc);
     struct ffg_stack stack = {lo, hi};
+    struct ffg_object_cache cache = {0, 0, NULL};
     int n = 0;
     *npcs = 0;
     if (max <= 0)
@@ -673,7 +688,7 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
         /* A call to an address with no code (e.g. through NULL): nothing describes pc,
          * but the call just left the caller's state as the architecture defines it. */
         struct ffg_fde none;
-        if (!ffg_find_fde(pc, &none)) {
+        if (!ffg_find_fde(pc, &none, &cache)) {
             if (!ffg_unw_bad_call(reg, pc, lo, hi, &pc) || ffg_in_thunk(pc))
                 return;
             pcs[n++] = pc;
@@ -681,7 +696,7 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
             first = 0;
         }
     }
-    while (n < max && ffg_step(reg, &pc, first, &stack)) {
+    while (n < max && ffg_step(reg, &pc, first, &stack, &cache)) {
         if (ffg_in_thunk(pc)) /* the foreign call's caller: the end of the foreign frames */
             break;
         pcs[n++] = pc;
