@@ -149,10 +149,17 @@ static struct {
 } ffg_str_cache[FFG_STR_CACHE];
 static unsigned ffg_str_cache_next;
 static pthread_mutex_t ffg_str_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t ffg_str_cache_once = PTHREAD_ONCE_INIT;
+
+/* A fork while another thread held the lock would leave it held in the child. */
+static void ffg_str_cache_after_fork(void) { pthread_mutex_init(&ffg_str_cache_lock, NULL); }
+
+static void ffg_str_cache_init(void) { pthread_atfork(NULL, NULL, ffg_str_cache_after_fork); }
 
 static PyObject *ffg_cached_str(const char *s)
 {
     PyObject *found = NULL;
+    pthread_once(&ffg_str_cache_once, ffg_str_cache_init);
     pthread_mutex_lock(&ffg_str_cache_lock);
     for (int i = 0; i < FFG_STR_CACHE && !found; i++) {
         if (ffg_str_cache[i].key == s && strcmp(PyBytes_AS_STRING(ffg_str_cache[i].bytes), s) == 0)

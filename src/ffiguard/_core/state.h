@@ -25,6 +25,10 @@
 #include <sys/types.h>
 #include <ucontext.h>
 
+/* For the unwinder's reads of other frames' stack slots (checked against the stack's
+ * bounds by the caller, not by AddressSanitizer). */
+#define FFG_UNCHECKED_READ __attribute__((no_sanitize("address")))
+
 /* One header per architecture: the guard frame and the signal-context fields. */
 #if defined(FFG_NO_ARCH)
 #include "arch/none.h"

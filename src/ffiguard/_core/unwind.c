@@ -252,12 +252,14 @@ static uintptr_t ffg_rd_encoded(struct ffg_cursor *c, unsigned enc, uintptr_t da
     return (enc & PE_INDIRECT) ? 0 : (uintptr_t)v;
 }
 
-/* A stack read: inside [lo, hi) and aligned, or the walk ends. */
+/* A stack read: inside [lo, hi) and aligned, or the walk ends. It reads other frames'
+ * slots on purpose (saved registers, perhaps inside AddressSanitizer's red zones):
+ * exempt from ASan's checks (tools/sanitize builds the core with it). */
 struct ffg_stack {
     uintptr_t lo, hi;
 };
 
-static int ffg_rd_stack(const struct ffg_stack *s, uintptr_t addr, uintptr_t *out)
+FFG_UNCHECKED_READ static int ffg_rd_stack(const struct ffg_stack *s, uintptr_t addr, uintptr_t *out)
 {
     if (addr < s->lo || addr > s->hi || s->hi - addr < sizeof(uintptr_t) || (addr % sizeof(uintptr_t)))
         return 0;

@@ -117,7 +117,8 @@ static inline uintptr_t ffg_unw_strip_ra(uintptr_t ra) { return ra; }
 /* A call to a bad address (e.g. through NULL), where nothing describes pc: the call
  * pushed the caller's return address on top of the stack. The caller's frame: that
  * address, rsp above it. 0 when rsp is outside [lo, hi). */
-static inline int ffg_unw_bad_call(uintptr_t *r, uintptr_t pc, uintptr_t lo, uintptr_t hi, uintptr_t *ret)
+FFG_UNCHECKED_READ static inline int ffg_unw_bad_call(uintptr_t *r, uintptr_t pc, uintptr_t lo, uintptr_t hi,
+                                                     uintptr_t *ret)
 {
     uintptr_t sp = r[FFG_UNW_SP];
     (void)pc;
