@@ -116,10 +116,19 @@ static void capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct 
  * in normal builds. Clearing shadow memory is a plain store: safe here. */
 extern void __asan_unpoison_memory_region(void const volatile *addr, size_t size) __attribute__((weak));
 
+#define FFG_UNPOISON_MAX ((uintptr_t)1 << 30) /* no thread stack is larger: beyond, sp was wild */
+
 static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
 {
+    const struct ffg_thread *t = ffg_tls;
     uintptr_t lo = fault_sp - FFG_RED_ZONE; /* a leaf function may use memory below sp */
-    if (__asan_unpoison_memory_region && lo < frame_sp)
+    if (lo > fault_sp)
+        lo = 0;
+    /* A wild sp (foreign code that corrupted it) must not make us clear the shadow of
+     * terabytes: only the thread's own stack holds skipped frames. */
+    if (t && t->stack_hi && lo < t->stack_lo)
+        lo = t->stack_lo;
+    if (__asan_unpoison_memory_region && lo < frame_sp && frame_sp - lo <= FFG_UNPOISON_MAX)
         __asan_unpoison_memory_region((void *)lo, frame_sp - lo);
 }
 
