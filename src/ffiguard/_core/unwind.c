@@ -147,7 +147,7 @@ struct ffg_cursor {
 
 static uint64_t ffg_rd_fixed(struct ffg_cursor *c, size_t n)
 {
-    if (c->bad || (size_t)(c->end - c->p) < n) {
+    if (c->bad || c->p > c->end || (size_t)(c->end - c->p) < n) {
         c->bad = 1;
         return 0;
     }
