@@ -58,6 +58,14 @@ OURS = ["-fsanitize=" + SANITIZE, "-fno-omit-frame-pointer", "-g"] if SANITIZE e
 OURS_LINK = ["-fsanitize=" + SANITIZE] if SANITIZE else []
 
 
+# The tests' register probes: machine code of each architecture (none elsewhere).
+CRASHERS_ARCH = {"x86_64": ["src/ffiguard/_crashers/arch/probe_x86_64.S"],
+                 "amd64": ["src/ffiguard/_crashers/arch/probe_x86_64.S"],
+                 "aarch64": ["src/ffiguard/_crashers/arch/probe_aarch64.S"],
+                 "arm64": ["src/ffiguard/_crashers/arch/probe_aarch64.S"]}.get(machine, []) \
+    if sys.platform.startswith("linux") else []
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         self.compiler.src_extensions.append(".S")
@@ -71,7 +79,7 @@ setup(
             sources=core_sources,
             define_macros=core_macros,
             # Headers: rebuilt when they change, and shipped in an sdist.
-            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/core.h", "src/ffiguard/_core/arch/x86_64.h",
+            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/core.h", "src/ffiguard/_core/pyhost.h", "src/ffiguard/_core/arch/x86_64.h",
                      "src/ffiguard/_core/arch/aarch64.h", "src/ffiguard/_core/arch/none.h"],
             extra_compile_args=WARN + ["-fno-strict-aliasing"] + ALIGN + ARCH_FLAGS + OURS,
             libraries=["dl"],
@@ -97,7 +105,7 @@ setup(
         # -g so reports can name source lines; -O1 keeps each crash where the source says.
         Extension(
             "ffiguard._crashers",
-            sources=["src/ffiguard/_crashers/crashers.c"],
+            sources=["src/ffiguard/_crashers/crashers.c"] + CRASHERS_ARCH,
             # BTI-marked on AArch64 like the core: guarded calls enter it with BLR x16,
             # unguarded ones with BR x16, and the landing pads must accept both.
             extra_compile_args=WARN + ["-g", "-O1", "-UNDEBUG", "-fno-omit-frame-pointer"] + ARCH_FLAGS,

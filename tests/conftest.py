@@ -35,6 +35,7 @@ class Big(ctypes.Structure):
 
 
 CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+ADDRESS_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t)
 
 _I, _D, _L, _UP = ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_size_t
 
@@ -58,6 +59,9 @@ SIGNATURES = {
     "ffg_add": ([_I, _I], _I),
     "ffg_fill": ([ctypes.POINTER(_I), _I], _I),
     "ffg_call_callback": ([CALLBACK, _I], _I),
+    "ffg_call_then_read": ([ADDRESS_CALLBACK], _I),
+    "ffg_block_and_fault": ([_I], _I),
+    "ffg_spin_ms": ([_I], _I),
     "ffg_mix12": ([_I] * 8 + [_D] * 4, _D),
     "ffg_vsum": (None, _L),
     "ffg_vsumd": (None, _D),

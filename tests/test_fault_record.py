@@ -29,16 +29,26 @@ def test_exception_made_in_c_is_from_records(crashers):
         assert str(again) == str(e) and e.args == again.args and e.frames == again.frames
 
 
-def test_library_path_that_is_not_utf8(tmp_path):
+def test_library_path_that_is_not_utf8(tmp_path, run_python):
     """A library whose path is not valid UTF-8: the fault is still a ForeignFault naming
-    that path (decoded as os.fsdecode does), not a UnicodeDecodeError from the record."""
-    path = os.path.join(os.fsencode(str(tmp_path)), b"lib\xffcrashers.so")
-    shutil.copy(CRASHERS_PATH, path)
-    lib = ffiguard.CDLL(os.fsdecode(path))
-    lib.ffg_read_null.argtypes, lib.ffg_read_null.restype = [], ctypes.c_int
-    for _ in range(2):  # the second time the names come from the cache
-        with pytest.raises(ffiguard.SegmentationFault) as info:
-            lib.ffg_read_null()
-        e = info.value
-        assert e.library == os.fsdecode(path) and e.symbol == "ffg_read_at"
-        assert "lib\udcffcrashers.so+0x" in str(e)
+    that path (decoded as os.fsdecode does), not a UnicodeDecodeError from the record,
+    and its report can be read (/proc/self/maps holds that name). In a subprocess: the
+    library stays loaded for good."""
+    rc, out, err = run_python("""
+        import shutil
+        import ffiguard
+        path = os.path.join(os.fsencode(%r), b"lib\\xffcrashers.so")
+        shutil.copy(CRASHERS_PATH, path)
+        lib = ffiguard.CDLL(os.fsdecode(path))
+        # ffg_read_at itself (its copy here): ffg_read_null calls it through the PLT
+        lib.ffg_read_at.argtypes, lib.ffg_read_at.restype = [ctypes.c_size_t], ctypes.c_int
+        for _ in range(2):  # the second time the names come from the cache
+            try:
+                lib.ffg_read_at(0)
+            except ffiguard.SegmentationFault as e:
+                assert e.library == os.fsdecode(path) and e.symbol == "ffg_read_at", e.library
+                assert "lib\\udcffcrashers.so+0x" in str(e), str(e)
+                assert "lib\\udcffcrashers.so" in e.report()
+                print("ok")
+    """ % str(tmp_path))
+    assert (rc, out, err) == (0, "ok\nok\n", "")

@@ -104,6 +104,26 @@ def _wrap_faulthandler():
     faulthandler.enable, faulthandler.disable = enable_then_refresh, disable_then_refresh
 
 
+def _wrap_pthread_sigmask():
+    """After a recovered fault the thread gets back the signal mask its guarded calls
+    start with, which the core reads once per thread: keep it current when the program
+    changes the mask (foreign code that blocks a signal and faults must not leave it
+    blocked, but a mask the program chose must stay)."""
+    original = signal.pthread_sigmask
+    if getattr(original, "__ffiguard__", False):
+        return
+
+    @functools.wraps(original)
+    def pthread_sigmask(how, mask):
+        result = original(how, mask)
+        _core.note_mask()
+        return result
+
+    pthread_sigmask.__ffiguard__ = True
+    signal.pthread_sigmask = pthread_sigmask
+
+
 if _core.SUPPORTED:
     install()
     _wrap_faulthandler()
+    _wrap_pthread_sigmask()

@@ -5,6 +5,7 @@
  * compare) before returning: no Python frame, no errcheck, on the path of every call.
  */
 #include "core.h"
+#include "pyhost.h"
 
 #include <dlfcn.h>
 #include <link.h>
@@ -224,14 +225,26 @@ static PyObject *ffg_fault_as_tuple(const struct ffg_fault *r)
     return t;
 }
 
-/* Turn this thread's pending fault into the exception, consuming the record. Whatever
- * the call produced meanwhile (a zero result, or an exception from restype conversion
- * or errcheck) is dropped; such an exception becomes the new one's __context__. */
-static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, PyObject *result,
-                             PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* The pending fault of the call with this token, or NULL. Only looked at when some
+ * fault is pending on the thread (npending): normally never. */
+static struct ffg_fault *ffg_pending_fault(struct ffg_thread *t, uint64_t token)
 {
-    struct ffg_fault copy = t->fault;
-    t->fault.token = 0;
+    for (int i = 0; i < FFG_MAX_PENDING; i++)
+        if (__atomic_load_n(&t->faults[i].token, __ATOMIC_ACQUIRE) == token)
+            return &t->faults[i];
+    return NULL;
+}
+
+/* Turn a pending fault into the exception, consuming the record. Whatever the call
+ * produced meanwhile (a zero result, or an exception from restype conversion or
+ * errcheck, which may itself be another guarded call's fault) is dropped; such an
+ * exception becomes the new one's __context__. */
+static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, struct ffg_fault *pending,
+                                 PyObject *result, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    struct ffg_fault copy = *pending;
+    __atomic_store_n(&pending->token, 0, __ATOMIC_RELEASE);
+    __atomic_fetch_sub(&t->npending, 1, __ATOMIC_RELAXED);
     Py_XDECREF(result);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -269,17 +282,33 @@ static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, Py
     return NULL;
 }
 
-/* Call the ctypes function. ctypes function objects have tp_call but no vectorcall, so
- * PyObject_Vectorcall would go through _PyObject_MakeTpCall (thread state lookup,
- * recursion check, result check: measured at ~2x our own cost per call). Positional
- * calls go to tp_call directly; the interpreter already checked recursion on the way
- * into this call, and ctypes' tp_call sets an exception whenever it returns NULL. */
-static inline PyObject *ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf,
-                                     PyObject *kwnames)
+/* A call that cannot get a guard frame is not made: unguarded, its fault could not be
+ * told from the enclosing guarded call's. */
+static PyObject *ffg_too_deep(GuardedFunction *self)
+{
+    return PyErr_Format(PyExc_RecursionError,
+                        "ffiguard: %S not called: %d guarded calls are already nested on this "
+                        "thread (through callbacks), the most a thread can hold", self->name,
+                        FFG_MAX_FRAMES);
+}
+
+/* Call the ctypes (or cffi) function. Their function objects have tp_call but no
+ * vectorcall, so PyObject_Vectorcall would go through _PyObject_MakeTpCall (thread state
+ * lookup, recursion check, result check: measured at ~2x our own cost per call), and
+ * its recursion check would also move the interpreter position recorded at arming
+ * (pyhost.h), which must be the same at a fault as at arming. So tp_call is called
+ * directly, with a dict for keyword arguments; the interpreter already checked
+ * recursion on the way into this call, and ctypes' tp_call sets an exception whenever
+ * it returns NULL. */
+static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames) __attribute__((noinline, cold));
+
+static inline __attribute__((always_inline)) PyObject *
+ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     ternaryfunc call = Py_TYPE(wrapped)->tp_call;
     if (__builtin_expect(kwnames != NULL || call == NULL, 0))
-        return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
+        return ffg_call_with_keywords(wrapped, args, nargsf, kwnames);
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     PyObject *tuple = PyTuple_New(n);
     if (!tuple)
@@ -291,6 +320,62 @@ static inline PyObject *ffg_call_wrapped(PyObject *wrapped, PyObject *const *arg
     return result;
 }
 
+static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames)
+{
+    ternaryfunc call = Py_TYPE(wrapped)->tp_call;
+    if (call == NULL)
+        return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *tuple = PyTuple_New(n);
+    if (!tuple)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    PyObject *kwargs = PyDict_New();
+    for (Py_ssize_t i = 0; kwargs && i < PyTuple_GET_SIZE(kwnames); i++)
+        if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0)
+            Py_CLEAR(kwargs);
+    PyObject *result = kwargs ? call(wrapped, tuple, kwargs) : NULL;
+    Py_DECREF(tuple);
+    Py_XDECREF(kwargs);
+    return result;
+}
+
+/* After the call: the fault recorded for it, if any (one load and a branch). */
+static inline PyObject *ffg_gf_finish(GuardedFunction *self, struct ffg_thread *t, uint64_t token,
+                                      PyObject *result, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames)
+{
+    if (__builtin_expect(__atomic_load_n(&t->npending, __ATOMIC_ACQUIRE) != 0, 0)) {
+        struct ffg_fault *pending = ffg_pending_fault(t, token);
+        if (pending)
+            return ffg_raise_fault(self, t, pending, result, args, nargsf, kwnames);
+    }
+    return result;
+}
+
+/* A GuardedFunction called while another one is armed: from argument conversion (a
+ * from_param or _as_parameter_ running Python code) between the outer call's arming and
+ * its foreign call. The outer arm is put back afterwards. */
+static __attribute__((noinline, cold)) PyObject *
+ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
+                   PyObject *kwnames)
+{
+    uintptr_t outer = t->armed;
+    uint64_t outer_token = t->armed_token;
+    struct ffg_host outer_host = t->armed_host;
+    uint64_t token = ++t->next_token;
+    t->armed_token = token;
+    ffg_py_position(ffg_py_attached(), &t->armed_host);
+    t->armed = self->target;
+    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
+    t->armed = outer;
+    t->armed_token = outer_token;
+    t->armed_host = outer_host;
+    return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
+}
+
 static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     GuardedFunction *self = (GuardedFunction *)op;
@@ -300,17 +385,17 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
     struct ffg_thread *t = ffg_tls;
     if (__builtin_expect(t == NULL, 0) && !(t = ffg_thread_state()))
         return NULL;
-    uintptr_t outer = t->armed; /* a GuardedFunction called during argument conversion */
-    uint64_t outer_token = t->armed_token;
+    if (__builtin_expect(t->top >= t->end, 0))
+        return ffg_too_deep(self);
+    if (__builtin_expect(t->armed != 0, 0))
+        return ffg_gf_call_nested(self, t, args, nargsf, kwnames);
     uint64_t token = ++t->next_token;
     t->armed_token = token;
+    ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
-    t->armed = outer;
-    t->armed_token = outer_token;
-    if (__builtin_expect(__atomic_load_n(&t->fault.token, __ATOMIC_ACQUIRE) == token, 0))
-        return ffg_raise_fault(self, t, result, args, nargsf, kwnames);
-    return result;
+    t->armed = 0;
+    return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -330,6 +415,11 @@ static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         policy = NULL;
     if (policy && !PyObject_TypeCheck(policy, &ffg_Policy_Type)) {
         PyErr_SetString(PyExc_TypeError, "policy must be an ffiguard._core.Policy");
+        return NULL;
+    }
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_RuntimeError, "ffiguard guards foreign calls in the main interpreter "
+                        "only, not in a sub-interpreter");
         return NULL;
     }
     if (!PyCallable_Check(wrapped)) {

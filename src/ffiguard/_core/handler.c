@@ -1,38 +1,41 @@
 /* The fault handlers.
  *
  * EVERYTHING IN THIS FILE THAT RUNS IN A SIGNAL HANDLER IS ASYNC-SIGNAL-SAFE: no malloc,
- * no stdio, no locks, no Python API except PyGILState_Check (see guarded_frame). It
- * reads and writes only the faulting thread's own mmap'd state, the saved signal
- * context, and atomic counters. The backtrace comes from our own unwinder (unwind.c),
- * which takes no lock and checks its reads; a fault inside it is still escaped with
- * siglongjmp (see capture_pcs). The module is linked with -z now, so no lazy symbol
- * binding happens in here.
+ * no stdio, no locks, no Python API (the interpreter's thread state is only read, with
+ * plain loads: pyhost.h). It reads and writes only the faulting thread's own mmap'd
+ * state, the saved signal context, and atomic counters. The backtrace comes from our
+ * own unwinder (unwind.c), which takes no lock and checks its reads; a fault inside it
+ * is still escaped with siglongjmp (see capture_pcs). The module is linked with -z now,
+ * so no lazy symbol binding happens in here.
  *
  * A fault is recovered only when all of these hold: the faulting thread is inside a
- * guarded call (its guard stack has a frame), the fault is not in the thunk itself,
- * the signal was caused by the thread (a CPU fault, or the thread's own raise/abort,
- * not a kill from elsewhere), and the thread is not running Python code (a callback
- * called from the foreign function). Anything else goes to the handler that was
- * installed before ours, or to the default action, as if ffiguard were not loaded.
+ * guarded call (its guard stack has a live frame), the fault is not in the thunk
+ * itself, the signal was caused by the thread (a CPU fault, or the thread's own
+ * raise/abort: not a kill from another thread or process), no Python code is running
+ * on the thread, and the interpreter stands exactly where it stood when that call was
+ * armed (no Python callback, nor anything it called, lies between the fault and the
+ * guard frame). Anything else goes to the handler that was installed before ours, or to
+ * the default action, as if ffiguard were not loaded (chain.c).
  */
 #define _GNU_SOURCE 1
 #include <Python.h>
 
 #include "state.h"
+#include "pyhost.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
-#include <time.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
-static uint64_t recovered[FFG_NSIGNALS]; /* atomic counters */
+static uint64_t ffg_recovered[FFG_NSIGNALS]; /* atomic counters */
 /* Whether the last recorded SIGSEGV/SIGBUS with an address had its access kind in the
  * saved context: always on x86-64 (page-fault error code); on AArch64 only with an ESR
  * record, which qemu-user never writes. -1 before the first such fault. */
-static int access_in_context = -1;
-static uint64_t unwind_escapes; /* atomic: faults inside the unwinder, escaped (see capture_pcs) */
+static int ffg_access_ctx = -1;
+static uint64_t ffg_unwind_escape_count; /* atomic: faults inside the unwinder, escaped (see capture_pcs) */
 
 static int in_thunk(uintptr_t pc)
 {
@@ -44,23 +47,61 @@ static int in_thunk(uintptr_t pc)
 #endif
 }
 
-/* The innermost guard frame when this fault belongs to a guarded foreign call, else NULL.
- * PyGILState_Check is a lock-free read on CPython 3.9-3.13 (the GIL holder's thread
- * state against this thread's, through pthread_getspecific). The GIL is released
- * during a guarded call and re-taken by a Python callback: holding it means Python
- * code is running, so the fault is not the foreign function's. Where the check is
- * disabled (sub-interpreters) it answers 1 and we fail safe: no recovery. */
-static struct ffg_frame *guarded_frame(struct ffg_thread *t, const siginfo_t *si, const ucontext_t *uc)
+#if PY_VERSION_HEX >= 0x030C0000
+#define FFG_ATTACHED_IS_THIS_THREAD 1 /* ffg_py_attached() is this thread's own or NULL */
+#else
+#define FFG_ATTACHED_IS_THIS_THREAD 0 /* it is the GIL holder's, of any thread */
+#endif
+
+/* Whether the signal is this thread's own doing: caused by an instruction, or sent by
+ * the thread to itself (raise, abort, a failed assert) — not a kill from another process
+ * nor a pthread_kill from another thread (a watchdog asking for a core dump). */
+static int ffg_self_inflicted(int signo, const siginfo_t *si, const ucontext_t *uc)
 {
-    if (!t || t->top <= t->frames || t->top > t->end)
+    if (si->si_code > 0)
+        return 1;
+    pid_t pid = getpid();
+    if (si->si_code != SI_TKILL || si->si_pid != pid)
+        return 0;
+    return ffg_uc_self_sent(uc, signo, pid, (pid_t)syscall(SYS_gettid), (size_t)sysconf(_SC_PAGESIZE));
+}
+
+/* The guard frame this fault belongs to, else NULL: the innermost live frame whose
+ * interpreter position (struct ffg_host) is the thread state's now. A Python callback
+ * running inside the call has moved it (another Python frame, deeper recursion), and so
+ * has anything the callback called, even with the GIL released; a greenlet switched in
+ * has its own. Python code running right now (the thread attached to the interpreter)
+ * is never the foreign code's. */
+static struct ffg_frame *ffg_guarded_frame(struct ffg_thread *t, int signo, const siginfo_t *si,
+                                           const ucontext_t *uc)
+{
+    if (!t || t->top <= t->frames + 1 || t->top > t->end)
         return NULL;
-    if (si->si_code <= 0 && !(si->si_code == SI_TKILL && si->si_pid == getpid()))
-        return NULL; /* sent by another process, or process-directed */
-    if (in_thunk(ffg_uc_pc(uc)))
+    if (!ffg_self_inflicted(signo, si, uc) || in_thunk(ffg_uc_pc(uc)))
         return NULL;
-    if (PyGILState_Check())
+    PyThreadState *attached = ffg_py_attached();
+    if (attached && FFG_ATTACHED_IS_THIS_THREAD)
         return NULL;
-    return t->top - 1;
+    for (struct ffg_frame *f = t->top - 1; f > t->frames; f--) {
+        PyThreadState *ts = (PyThreadState *)(uintptr_t)f->host.ts;
+        if (f->token == 0 || !ts)
+            continue; /* returned (out of order, greenlets) */
+        if (attached == ts)
+            return NULL;
+        if (ffg_py_frame(ts) == f->host.frame && ffg_py_depth(ts) == f->host.depth)
+            return f;
+    }
+    return NULL;
+}
+
+/* A free slot for the fault's record, or NULL when FFG_MAX_PENDING faults already wait
+ * (then the fault is not recovered: there is nowhere to say what happened). */
+static struct ffg_fault *ffg_free_record(struct ffg_thread *t)
+{
+    for (int i = 0; i < FFG_MAX_PENDING; i++)
+        if (__atomic_load_n(&t->faults[i].token, __ATOMIC_ACQUIRE) == 0)
+            return &t->faults[i];
+    return NULL;
 }
 
 /* A SIGSEGV just below the stack pointer, with the stack nearly used up, is the stack
@@ -83,7 +124,7 @@ static int is_stack_overflow(const struct ffg_thread *t, const struct ffg_fault 
  * unmaps right now) could still fault: the handler runs with SA_NODEFER, so that fault
  * re-enters it, sees t->unwinding and jumps back here with what was collected so far
  * (nothing is left locked: the unwinder holds no lock). */
-static void walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
                  const ucontext_t *uc)
 {
     uintptr_t lo = r->sp - FFG_RED_ZONE, hi = f->sp;
@@ -102,9 +143,9 @@ static void capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct 
     r->npcs = 0;
     t->unwinding = 1;
     if (sigsetjmp(t->unwind_escape, 0) == 0)
-        walk(t, f, r, uc);
+        ffg_walk(t, f, r, uc);
     else
-        __atomic_fetch_add(&unwind_escapes, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&ffg_unwind_escape_count, 1, __ATOMIC_RELAXED);
     t->unwinding = 0;
     if (r->npcs == 0)
         r->pcs[r->npcs++] = r->pc;
@@ -132,11 +173,9 @@ static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
         __asan_unpoison_memory_region((void *)lo, frame_sp - lo);
 }
 
-static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, const siginfo_t *si,
-                   const ucontext_t *uc)
+static void ffg_record(struct ffg_thread *t, struct ffg_fault *r, const struct ffg_frame *f, int signo,
+                       const siginfo_t *si, const ucontext_t *uc)
 {
-    struct ffg_fault *r = &t->fault;
-    r->token = 0;
     r->signo = signo;
     r->code = si->si_code;
     r->has_address = si->si_code > 0; /* caused by an instruction: si_addr is meaningful */
@@ -148,13 +187,14 @@ static void record(struct ffg_thread *t, const struct ffg_frame *f, int signo, c
     if (r->has_address && (signo == SIGSEGV || signo == SIGBUS)) {
         int from_context;
         r->access = ffg_uc_access(uc, r->address, &from_context);
-        __atomic_store_n(&access_in_context, from_context, __ATOMIC_RELAXED);
+        __atomic_store_n(&ffg_access_ctx, from_context, __ATOMIC_RELAXED);
     }
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
     capture_pcs(t, f, r, uc);
-    __atomic_fetch_add(&recovered[signo], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&ffg_recovered[signo], 1, __ATOMIC_RELAXED);
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
+    __atomic_fetch_add(&t->npending, 1, __ATOMIC_RELEASE);
 }
 
 void ffg_on_signal(int signo, siginfo_t *si, void *context)
@@ -168,15 +208,15 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
 
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
-    struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : guarded_frame(t, si, uc);
-    if (f) {
-        record(t, f, signo, si, uc);
+    struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : ffg_guarded_frame(t, signo, si, uc);
+    struct ffg_fault *r = f ? ffg_free_record(t) : NULL;
+    if (r) {
+        ffg_record(t, r, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
         ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_recover);
-        /* sigreturn restores this mask: never leave a trapped signal blocked. */
-        for (int s = 1; s < FFG_NSIGNALS; s++)
-            if (ffg_trapped[s])
-                sigdelset(&uc->uc_sigmask, s);
+        /* sigreturn restores this mask: the one the call started with, not whatever the
+         * foreign code had blocked when it faulted (SIGINT, say). */
+        uc->uc_sigmask = t->host_mask;
     } else {
         ffg_chain(signo, si, uc);
     }
@@ -186,13 +226,13 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
 uint64_t ffg_recovered_count(int signo)
 {
     if (signo > 0 && signo < FFG_NSIGNALS)
-        return __atomic_load_n(&recovered[signo], __ATOMIC_RELAXED);
+        return __atomic_load_n(&ffg_recovered[signo], __ATOMIC_RELAXED);
     uint64_t total = 0;
     for (int s = 1; s < FFG_NSIGNALS; s++)
-        total += __atomic_load_n(&recovered[s], __ATOMIC_RELAXED);
+        total += __atomic_load_n(&ffg_recovered[s], __ATOMIC_RELAXED);
     return total;
 }
 
-uint64_t ffg_unwind_escapes(void) { return __atomic_load_n(&unwind_escapes, __ATOMIC_RELAXED); }
+uint64_t ffg_unwind_escapes(void) { return __atomic_load_n(&ffg_unwind_escape_count, __ATOMIC_RELAXED); }
 
-int ffg_access_in_context(void) { return __atomic_load_n(&access_in_context, __ATOMIC_RELAXED); }
+int ffg_access_in_context(void) { return __atomic_load_n(&ffg_access_ctx, __ATOMIC_RELAXED); }

@@ -182,9 +182,23 @@ static PyObject *ffg_m_set_unwind_available(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* ffiguard's Python layer sets its exception factory in the core, which is one per
+ * process: a sub-interpreter importing ffiguard would replace the main interpreter's
+ * with one of its own objects (and leave it dangling when it is destroyed). */
+static int ffg_refuse_subinterpreter(void)
+{
+    if (PyInterpreterState_Get() == PyInterpreterState_Main())
+        return 0;
+    PyErr_SetString(PyExc_ImportError, "ffiguard works in the main interpreter only, not in a "
+                    "sub-interpreter (its signal handlers and fault records are per process)");
+    return -1;
+}
+
 static PyObject *ffg_m_set_fault_factory(PyObject *mod, PyObject *arg)
 {
     (void)mod;
+    if (ffg_refuse_subinterpreter() < 0)
+        return NULL;
     Py_XSETREF(ffg_fault_factory, Py_NewRef(arg));
     Py_RETURN_NONE;
 }
@@ -193,6 +207,8 @@ static PyObject *ffg_m_set_fault_types(PyObject *mod, PyObject *args)
 {
     (void)mod;
     PyObject *classes, *stack_overflow, *fallback, *after_fault;
+    if (ffg_refuse_subinterpreter() < 0)
+        return NULL;
     if (!PyArg_ParseTuple(args, "OOOO:set_fault_types", &classes, &stack_overflow, &fallback, &after_fault))
         return NULL;
     if (ffg_set_fault_types(classes, stack_overflow, fallback, after_fault) < 0)
@@ -203,11 +219,40 @@ static PyObject *ffg_m_set_fault_types(PyObject *mod, PyObject *args)
 static PyObject *ffg_m_set_quarantine_error(PyObject *mod, PyObject *arg)
 {
     (void)mod;
+    if (ffg_refuse_subinterpreter() < 0)
+        return NULL;
     Py_XSETREF(ffg_quarantine_error, Py_NewRef(arg));
     Py_RETURN_NONE;
 }
 
+static PyObject *ffg_m_note_mask(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    if (ffg_note_mask() != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ffg_m_pending(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    struct ffg_thread *t = ffg_tls;
+    return PyLong_FromUnsignedLong(t ? __atomic_load_n(&t->npending, __ATOMIC_RELAXED) : 0);
+}
+
+static PyObject *ffg_m_depth(PyObject *mod, PyObject *unused)
+{
+    (void)mod, (void)unused;
+    struct ffg_thread *t = ffg_tls;
+    return PyLong_FromSsize_t(t ? t->top - (t->frames + 1) : 0);
+}
+
 static PyMethodDef ffg_methods[] = {
+    {"note_mask", ffg_m_note_mask, METH_NOARGS,
+     "the calling thread's signal mask is now the one its guarded calls start with"},
+    {"pending", ffg_m_pending, METH_NOARGS, "faults recorded on this thread and not yet raised"},
+    {"depth", ffg_m_depth, METH_NOARGS, "guard frames on this thread (live or finished out of order)"},
+
     {"set_quarantine_error", ffg_m_set_quarantine_error, METH_O, "set the LibraryQuarantined class"},
     {"stub", ffg_m_stub, METH_O, "stub(target) -> address of a new guard stub calling target"},
     {"stub_target", ffg_m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
@@ -275,6 +320,8 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyModule_AddObject(m, "GuardedFunction", (PyObject *)&ffg_GuardedFunction_Type) < 0 ||
         PyModule_AddObject(m, "Policy", (PyObject *)&ffg_Policy_Type) < 0 ||
         PyModule_AddStringConstant(m, "ARCH", FFG_ARCH_NAME) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_FRAMES", FFG_MAX_FRAMES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_PENDING", FFG_MAX_PENDING) < 0 ||
 #ifdef FFG_NO_ARCH
         PyModule_AddIntConstant(m, "SUPPORTED", 0) < 0 ||
 #else

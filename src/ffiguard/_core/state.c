@@ -21,6 +21,8 @@ _Static_assert(offsetof(struct ffg_thread, top) == 0, "T_TOP");
 _Static_assert(offsetof(struct ffg_thread, end) == 8, "T_END");
 _Static_assert(offsetof(struct ffg_thread, armed) == 16, "T_ARMED");
 _Static_assert(offsetof(struct ffg_thread, armed_token) == 24, "T_TOKEN");
+_Static_assert(offsetof(struct ffg_thread, armed_host) == 32, "T_HOST");
+_Static_assert(offsetof(struct ffg_frame, host) == F_HOST, "F_HOST");
 _Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
 _Static_assert(offsetof(struct ffg_frame, sp) == F_SP, "F_SP");
 _Static_assert(offsetof(struct ffg_frame, target) == F_TARGET, "F_TARGET");
@@ -87,8 +89,10 @@ struct ffg_thread *ffg_thread_attach(void)
 
     struct ffg_thread *t = (struct ffg_thread *)base;
     t->mapping_size = total;
-    t->top = t->frames;
-    t->end = t->frames + FFG_MAX_FRAMES;
+    t->frames[0].token = FFG_SENTINEL_TOKEN;
+    t->top = t->frames + 1;
+    t->end = t->frames + 1 + FFG_MAX_FRAMES;
+    pthread_sigmask(SIG_SETMASK, NULL, &t->host_mask);
     record_stack_bounds(t);
 
     stack_t current;
@@ -118,4 +122,10 @@ int ffg_state_init(void)
         return -1;
     }
     return 0;
+}
+
+int ffg_note_mask(void)
+{
+    struct ffg_thread *t = ffg_tls;
+    return t ? pthread_sigmask(SIG_SETMASK, NULL, &t->host_mask) : 0;
 }

@@ -2,8 +2,8 @@
  *
  * A thread's state is one mmap'd block (never the Python heap, never malloc, so the
  * signal handler may read and write it) reached through one initial-exec TLS pointer,
- * ffg_tls, which the assembly thunk reads too. The first three fields are at fixed
- * offsets the thunk uses (T_TOP, T_END, T_ARMED, T_TOKEN in arch/<arch>.S).
+ * ffg_tls, which the assembly thunk reads too. The first fields are at fixed
+ * offsets the thunk uses (T_TOP, T_END, T_ARMED, T_TOKEN, T_HOST in arch/<arch>.S).
  *
  * Each arch/<arch>.h provides: struct ffg_frame and its F_* offsets, FRAME_SIZE,
  * FFG_ARCH_NAME, FFG_NREGS and FFG_REG_NAMES, FFG_RED_ZONE, FFG_STUB_SIZE and
@@ -29,6 +29,15 @@
  * bounds by the caller, not by AddressSanitizer). */
 #define FFG_UNCHECKED_READ __attribute__((no_sanitize("address")))
 
+/* Where the interpreter stood when a guarded call was armed: the thread state, its
+ * innermost Python frame and its recursion counters (pyhost.h). A fault belongs to the
+ * guarded call only while all three are unchanged: a Python callback running inside the
+ * call (and anything it calls, guarded or not) has moved them. Greenlets save and
+ * restore them on every switch, so they also tell one greenlet's calls from another's. */
+struct ffg_host {
+    uint64_t ts, frame, depth;
+};
+
 /* One header per architecture: the guard frame and the signal-context fields. */
 #if defined(FFG_NO_ARCH)
 #include "arch/none.h"
@@ -41,11 +50,16 @@
 #endif
 
 #define FFG_MAX_FRAMES 256 /* guarded calls nested on one thread (via callbacks) */
+#define FFG_MAX_PENDING 32 /* faults recorded and not yet raised, per thread (see below) */
 #define FFG_MAX_PCS 64     /* native backtrace depth kept per fault */
+#define FFG_SENTINEL_TOKEN UINT64_MAX /* frames[0]: never a call's, never dead */
 
 enum ffg_access { FFG_ACCESS_UNKNOWN, FFG_ACCESS_READ, FFG_ACCESS_WRITE, FFG_ACCESS_EXEC };
 
-/* What the handler saw, copied out by the GuardedFunction whose token it carries. */
+/* What the handler saw, copied out by the GuardedFunction whose token it carries.
+ * Several can wait at once: a guarded call whose fault is pending (its ctypes result
+ * conversion, restype callable or errcheck still running) may be followed by another
+ * guarded call made from that Python code, which faults too. */
 struct ffg_fault {
     uint64_t token; /* non-zero while a fault waits for its caller; written last */
     int signo;
@@ -66,15 +80,22 @@ struct ffg_thread {
     struct ffg_frame *end; /* T_END */
     uintptr_t armed;       /* T_ARMED: the target a GuardedFunction is about to call, or 0 */
     uint64_t armed_token;  /* T_TOKEN: that call's token, for its guard frame */
+    struct ffg_host armed_host; /* T_HOST: that call's interpreter position */
     uint64_t next_token;
-    struct ffg_fault fault;
+    unsigned npending;     /* how many of faults[] wait for their GuardedFunction */
+    sigset_t host_mask;    /* the signal mask guarded calls start with (restored after a fault) */
     uintptr_t stack_lo, stack_hi; /* this thread's stack, 0 when unknown */
     volatile sig_atomic_t unwinding;
     sigjmp_buf unwind_escape; /* a fault while unwinding jumps back here */
     stack_t previous_altstack;
     int owns_altstack;
     size_t mapping_size;
-    struct ffg_frame frames[FFG_MAX_FRAMES];
+    struct ffg_fault faults[FFG_MAX_PENDING];
+    /* frames[0] is a sentinel (token FFG_SENTINEL_TOKEN): the thunk's pop loop stops
+     * there. A frame whose call has returned has token 0 ("dead"): calls can finish out
+     * of order when greenlets switch C stacks, and a dead frame under a live one stays
+     * until the live one returns. */
+    struct ffg_frame frames[FFG_MAX_FRAMES + 1];
 };
 
 extern __thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exec")));
@@ -82,6 +103,7 @@ extern __thread struct ffg_thread *ffg_tls __attribute__((tls_model("initial-exe
 /* state.c */
 struct ffg_thread *ffg_thread_attach(void); /* normal context; NULL + errno on failure */
 int ffg_state_init(void);
+int ffg_note_mask(void); /* normal context: the calling thread's mask is now its host mask */
 
 #define FFG_NSIGNALS 65 /* signal numbers 1..64 */
 

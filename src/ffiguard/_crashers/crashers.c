@@ -10,12 +10,14 @@
 
 #include <assert.h>
 #include <setjmp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default"), noinline))
@@ -106,6 +108,20 @@ FAULTY int ffg_call_null(void)
 
 FAULTY int ffg_raise(int signum) { return raise(signum); }
 
+/* Blocks `signum` in this thread (as a library guarding a critical section might),
+ * then reads address 0. */
+FAULTY int ffg_block_and_fault(int signum)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signum);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    return ffg_read_at(0);
+}
+
+/* Calls back into the host, then reads the address the callback returned. */
+FAULTY int ffg_call_then_read(uintptr_t (*cb)(void)) { return ffg_read_at(cb()); }
+
 /* ---- well-behaved functions -------------------------------------------------- */
 
 EXPORT void ffg_noop(void) {}
@@ -117,6 +133,20 @@ EXPORT int ffg_fill(int *out, int value)
 {
     *out = value;
     return 1;
+}
+
+/* Busy for `ms` milliseconds of wall time, in foreign code (no system call but the
+ * clock's, which is a vDSO call). */
+EXPORT int ffg_spin_ms(int ms)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long spins = 0;
+    do {
+        spins++;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    } while ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 < ms);
+    return spins > 0;
 }
 
 /* Calls back into the host: returns cb(x) + 1. */
@@ -179,14 +209,14 @@ EXPORT struct ffg_big ffg_make_big(long base)
  * around the benchmark's timed loop (baseline_install / baseline_restore), so ffiguard's
  * stays in place for everything else. Single-threaded use only. */
 
-static sigjmp_buf baseline_env;
-static struct sigaction baseline_saved;
-static PyObject *baseline_error;
+static sigjmp_buf ffg_baseline_env;
+static struct sigaction ffg_baseline_saved;
+static PyObject *ffg_baseline_error;
 
 static void baseline_handler(int signo, siginfo_t *si, void *context)
 {
     (void)si, (void)context;
-    siglongjmp(baseline_env, signo); /* async-signal-safe: the jump is all it does */
+    siglongjmp(ffg_baseline_env, signo); /* async-signal-safe: the jump is all it does */
 }
 
 static PyObject *baseline_install(PyObject *module, PyObject *noargs)
@@ -199,7 +229,7 @@ static PyObject *baseline_install(PyObject *module, PyObject *noargs)
      * blocked while it runs (sigsetjmp(env, 0) does not save or restore the mask). */
     sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, &baseline_saved) != 0)
+    if (sigaction(SIGSEGV, &sa, &ffg_baseline_saved) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -207,7 +237,7 @@ static PyObject *baseline_install(PyObject *module, PyObject *noargs)
 static PyObject *baseline_restore(PyObject *module, PyObject *noargs)
 {
     (void)module, (void)noargs;
-    if (sigaction(SIGSEGV, &baseline_saved, NULL) != 0)
+    if (sigaction(SIGSEGV, &ffg_baseline_saved, NULL) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -215,11 +245,11 @@ static PyObject *baseline_restore(PyObject *module, PyObject *noargs)
 static PyObject *baseline_read_null(PyObject *module, PyObject *noargs)
 {
     (void)module, (void)noargs;
-    if (sigsetjmp(baseline_env, 0) == 0) {
+    if (sigsetjmp(ffg_baseline_env, 0) == 0) {
         ffg_read_null();
         Py_RETURN_NONE;
     }
-    PyErr_SetString(baseline_error, "Segmentation fault");
+    PyErr_SetString(ffg_baseline_error, "Segmentation fault");
     return NULL;
 }
 
@@ -246,14 +276,14 @@ PyMODINIT_FUNC PyInit__crashers(void)
     PyObject *m = PyModule_Create(&crashers_module);
     if (!m)
         return NULL;
-    baseline_error = PyErr_NewException("ffiguard._crashers.BaselineFault", NULL, NULL);
-    if (!baseline_error) {
+    ffg_baseline_error = PyErr_NewException("ffiguard._crashers.BaselineFault", NULL, NULL);
+    if (!ffg_baseline_error) {
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(baseline_error); /* the module keeps one reference, this file the other */
-    if (PyModule_AddObject(m, "BaselineFault", baseline_error) < 0) {
-        Py_DECREF(baseline_error);
+    Py_INCREF(ffg_baseline_error); /* the module keeps one reference, this file the other */
+    if (PyModule_AddObject(m, "BaselineFault", ffg_baseline_error) < 0) {
+        Py_DECREF(ffg_baseline_error);
         Py_DECREF(m);
         return NULL;
     }

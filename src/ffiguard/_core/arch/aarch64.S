@@ -13,6 +13,9 @@
  * the target with `br x16`: no guard, no cost; BR through x16 is accepted by the
  * target's `bti c` landing pad.
  *
+ * The return path marks its frame dead (token 0) and pops it with any dead frames under
+ * it; with greenlets a frame can finish under a live one, and stays until that returns.
+ *
  * The signal handler recovers a faulting call by resuming at ffg_thunk_recover with sp,
  * x19 (= the frame) and x20-x29 taken from the frame; that path reloads d8-d15 and
  * FPCR, zeroes v0-v3 and joins the normal return path.
@@ -32,6 +35,7 @@
 #define T_END 8
 #define T_ARMED 16
 #define T_TOKEN 24
+#define T_HOST 32 /* struct ffg_host: ts, frame, depth */
 
 /* x = this thread's guard state (ffg_tls), or 0; clobbers tmp */
 .macro thread_state x, tmp
@@ -56,7 +60,10 @@ ffg_thunk:
     b.ne    .Lunguarded
     ldp     x10, x11, [x9, #T_TOP]      /* x10 = the new frame, x11 = the end */
     cmp     x10, x11
-    b.hs    .Lunguarded                 /* guard stack exhausted: call unguarded */
+    b.hs    .Lunguarded                 /* guard stack exhausted: call unguarded (reached
+                                         * only when a guarded call made during argument
+                                         * conversion filled it: GuardedFunction refuses a
+                                         * call when the stack is full) */
     .cfi_remember_state                 /* the unguarded exit's view: x30 = the return */
     paciasp                             /* sign x30 (modifier: sp, unchanged until ret) */
     .cfi_window_save                    /* = .cfi_negate_ra_state */
@@ -73,6 +80,10 @@ ffg_thunk:
     stp     x28, x29, [x10, #F_X28]
     stp     x11, x16, [x10, #F_SP]      /* sp, target */
     stp     x13, x12, [x10, #F_TOKEN]   /* token, fpcr */
+    ldp     x14, x15, [x9, #T_HOST]     /* where the interpreter stood at arming */
+    ldr     x17, [x9, #T_HOST + 16]
+    stp     x14, x15, [x10, #F_HOST]
+    str     x17, [x10, #F_HOST + 16]
     stp     d8, d9, [x10, #F_D8]
     stp     d10, d11, [x10, #F_D10]
     stp     d12, d13, [x10, #F_D12]
@@ -87,7 +98,20 @@ ffg_thunk:
     .hidden ffg_thunk_return
 ffg_thunk_return:                       /* x0-x7 / v0-v3 / x8's memory hold the result */
     thread_state x9, x10
-    str     x19, [x9, #T_TOP]           /* pop the frame */
+    str     xzr, [x19, #F_TOKEN]        /* this call is over: its frame is dead */
+    ldr     x11, [x9, #T_TOP]
+    add     x12, x19, #FRAME_SIZE
+    cmp     x11, x12
+    b.ne    .Lpopped                    /* a live frame above (greenlets): it pops us later */
+    mov     x11, x19
+.Lpop_dead:                             /* pop this frame and the dead ones under it */
+    ldur    x12, [x11, #(F_TOKEN - FRAME_SIZE)]  /* frames[0] is a sentinel: never 0 */
+    cbnz    x12, .Lset_top
+    sub     x11, x11, #FRAME_SIZE
+    b       .Lpop_dead
+.Lset_top:
+    str     x11, [x9, #T_TOP]
+.Lpopped:
     ldp     x30, x19, [x19, #F_LR]
     autiasp
     ret

@@ -30,7 +30,8 @@
 #define F_D10 144
 #define F_D12 160
 #define F_D14 176
-#define FRAME_SIZE 192
+#define F_HOST 192 /* struct ffg_host: ts, frame, depth */
+#define FRAME_SIZE 224
 
 #ifndef __ASSEMBLER__
 #include <stddef.h>
@@ -39,15 +40,19 @@
 #include <signal.h>
 #include <ucontext.h>
 #include <asm/sigcontext.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
 
 struct ffg_frame {
     uint64_t lr;       /* the caller's x30 (signed with PACIASP where PAC is on) */
     uint64_t x[11];    /* x19..x29 */
     uint64_t sp;       /* the caller's stack pointer (the thunk does not move it) */
     uint64_t target;   /* the foreign function called */
-    uint64_t token;    /* which GuardedFunction call this frame belongs to */
+    uint64_t token;    /* which GuardedFunction call this frame belongs to; 0: returned */
     uint64_t fpcr;
     uint64_t d[8];     /* d8..d15 */
+    struct ffg_host host; /* the interpreter's position when the call was armed */
+    uint64_t pad;      /* FRAME_SIZE stays a multiple of 16 */
 };
 
 _Static_assert(offsetof(struct ffg_frame, lr) == F_LR, "F_LR");
@@ -162,6 +167,26 @@ static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *fr
         return 0;
     }
     return address == ffg_uc_pc(uc) ? 3 : 0;
+}
+
+/* Whether this thread sent itself the signal: it is delivered as the tgkill system call
+ * that sent it returns (glibc's raise(), abort(), pthread_kill() of the thread itself),
+ * so the instruction before pc is `svc #0`, x8 still holds tgkill's number and x1/x2
+ * this thread and this signal (x0 now holds the result). A pthread_kill from another
+ * thread carries the same siginfo but interrupts this one anywhere. */
+#define FFG_SVC_0 0xd4000001u
+#define FFG_INSN_LEN 4
+
+static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, pid_t tid, size_t page)
+{
+    (void)pid; /* tgkill's first argument was in x0, which now holds its result */
+    const mcontext_t *m = &uc->uc_mcontext;
+    if (m->pc % page < FFG_INSN_LEN) /* the instruction before pc is on another page */
+        return 0;
+    uint32_t insn;
+    memcpy(&insn, (const void *)(uintptr_t)(m->pc - FFG_INSN_LEN), sizeof insn);
+    return insn == FFG_SVC_0 && m->regs[8] == SYS_tgkill && m->regs[1] == (uint64_t)tid &&
+           m->regs[2] == (uint64_t)signo;
 }
 
 /* ---- unwinding (unwind.c), in the signal handler: async-signal-safe -----------------

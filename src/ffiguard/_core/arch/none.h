@@ -6,10 +6,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <ucontext.h>
 
 struct ffg_frame {
     uint64_t ret, sp, target, token;
+    struct ffg_host host;
 };
 
 #define FFG_ARCH_NAME "unsupported"
@@ -27,6 +29,11 @@ static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *fr
 {
     (void)uc, (void)address;
     *from_context = 0;
+    return 0;
+}
+static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, pid_t tid, size_t page)
+{
+    (void)uc, (void)signo, (void)pid, (void)tid, (void)page;
     return 0;
 }
 static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame, uintptr_t resume)

@@ -16,6 +16,10 @@
  * The signal handler recovers a faulting call by resuming at ffg_thunk_recover (the
  * same address as ffg_thunk_return) with
  * rsp, rbx (= the frame), rbp and r12-r15 taken from the frame: the same return path.
+ *
+ * The return path marks its frame dead (token 0) and pops it with any dead frames under
+ * it. Normally the frame is the top one; when greenlets let calls finish out of order,
+ * a frame with live ones above it stays (dead) until they return.
  */
 #include "x86_64.h"
 
@@ -23,6 +27,7 @@
 #define T_END 8
 #define T_ARMED 16
 #define T_TOKEN 24
+#define T_HOST 32 /* struct ffg_host: ts, frame, depth */
 
     .text
     .globl  ffg_thunk
@@ -46,6 +51,12 @@ ffg_thunk:
     movq    %r11, F_TARGET(%rbx)
     movq    T_TOKEN(%r10), %r11
     movq    %r11, F_TOKEN(%rbx)
+    movq    T_HOST(%r10), %r11          /* where the interpreter stood at arming */
+    movq    %r11, F_HOST(%rbx)
+    movq    T_HOST+8(%r10), %r11
+    movq    %r11, F_HOST+8(%rbx)
+    movq    T_HOST+16(%r10), %r11
+    movq    %r11, F_HOST+16(%rbx)
     movq    $0, T_ARMED(%r10)           /* nested calls must be armed anew */
     leaq    FRAME_SIZE(%rbx), %r11
     movq    %r11, T_TOP(%r10)
@@ -72,13 +83,29 @@ ffg_thunk_return:                       /* rax/rdx/xmm0/xmm1/st0 hold the result
 ffg_thunk_recover:                      /* the handler resumes here too (same path) */
     movq    ffg_tls@GOTTPOFF(%rip), %r10
     movq    %fs:(%r10), %r10
-    movq    %rbx, T_TOP(%r10)           /* pop the frame */
+    movq    $0, F_TOKEN(%rbx)           /* this call is over: its frame is dead */
+    leaq    FRAME_SIZE(%rbx), %r11
+    cmpq    %r11, T_TOP(%r10)
+    jne     .Lpopped                    /* a live frame above (greenlets): it pops us later */
+    movq    %rbx, %r11
+.Lpop_dead:                             /* pop this frame and the dead ones under it */
+    cmpq    $0, F_TOKEN-FRAME_SIZE(%r11)  /* frames[0] is a sentinel: never 0 */
+    jne     .Lset_top
+    subq    $FRAME_SIZE, %r11
+    jmp     .Lpop_dead
+.Lset_top:
+    movq    %r11, T_TOP(%r10)
+.Lpopped:
     movq    F_RET(%rbx), %r11
     movq    F_RBX(%rbx), %rbx
     pushq   %r11
     ret
 
-.Lfull:                                 /* guard stack exhausted: call unguarded */
+.Lfull:                                 /* guard stack exhausted: call unguarded. GuardedFunction
+                                         * refuses a call when the stack is full, so this is
+                                         * reached only when a guarded call made during
+                                         * argument conversion filled it; the handler then
+                                         * declines the fault (the interpreter has moved). */
     .cfi_restore_state
     popq    %rbx
     .cfi_adjust_cfa_offset -8

@@ -19,14 +19,16 @@
 #define F_R15 56
 #define F_TARGET 64
 #define F_TOKEN 72
-#define F_MXCSR 80
-#define F_FPUCW 84
-#define FRAME_SIZE 88
+#define F_HOST 80 /* struct ffg_host: ts, frame, depth */
+#define F_MXCSR 104
+#define F_FPUCW 108
+#define FRAME_SIZE 112
 
 #ifndef __ASSEMBLER__
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 #include <ucontext.h>
 
 struct ffg_frame {
@@ -34,7 +36,8 @@ struct ffg_frame {
     uint64_t sp;     /* the stack pointer after that pop */
     uint64_t rbx, rbp, r12, r13, r14, r15;
     uint64_t target; /* the foreign function called */
-    uint64_t token;  /* which GuardedFunction call this frame belongs to */
+    uint64_t token;  /* which GuardedFunction call this frame belongs to; 0: returned */
+    struct ffg_host host; /* the interpreter's position when the call was armed */
     uint32_t mxcsr;
     uint16_t fpucw;
     uint16_t pad;
@@ -93,6 +96,24 @@ static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *fr
     if (err & 0x10)
         return 3;
     return (err & 0x2) ? 2 : 1;
+}
+
+/* Whether this thread sent itself the signal: it is delivered as the tgkill system call
+ * that sent it returns (glibc's raise(), abort(), pthread_kill() of the thread itself),
+ * so the instruction before pc is `syscall`, and the arguments, which the system call
+ * leaves in rdi/rsi/rdx, name this process, this thread and this signal. A pthread_kill
+ * from another thread carries the same siginfo but interrupts this one anywhere. */
+#define FFG_SYSCALL_INSN_LEN 2 /* 0f 05 */
+
+static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, pid_t tid, size_t page)
+{
+    const greg_t *g = uc->uc_mcontext.gregs;
+    uintptr_t pc = (uintptr_t)g[REG_RIP];
+    if (pc % page < FFG_SYSCALL_INSN_LEN) /* the bytes before pc are on another page */
+        return 0;
+    const unsigned char *insn = (const unsigned char *)(pc - FFG_SYSCALL_INSN_LEN);
+    return insn[0] == 0x0f && insn[1] == 0x05 && g[REG_RDI] == pid && g[REG_RSI] == tid &&
+           g[REG_RDX] == signo;
 }
 
 /* ---- unwinding (unwind.c), in the signal handler: async-signal-safe -----------------
