@@ -62,6 +62,8 @@ SIGNATURES = {
     "ffg_call_then_read": ([ADDRESS_CALLBACK], _I),
     "ffg_block_and_fault": ([_I], _I),
     "ffg_spin_ms": ([_I], _I),
+    "ffg_call_then_write": ([CALLBACK, _UP, _I], None),
+    "ffg_install_reader_handler": ([_UP], _I),
     "ffg_mix12": ([_I] * 8 + [_D] * 4, _D),
     "ffg_vsum": (None, _L),
     "ffg_vsumd": (None, _D),

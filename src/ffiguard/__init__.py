@@ -26,13 +26,17 @@ from . import signals as _signals  # installs the handlers
 from ._core import GuardedFunction
 from .faults import (
     ArithmeticFault, BusError, ForeignAbort, ForeignFault, ForeignStackOverflow,
-    IllegalInstruction, LibraryQuarantined, SegmentationFault, UnsupportedPlatform,
+    IllegalInstruction, LibraryQuarantined, ProtectionKeyViolation, SegmentationFault,
+    UnsupportedPlatform,
 )
 from . import for_ctypes as _for_ctypes
 from .for_ctypes import CDLL, cdll
 from .everything import install, installed, uninstall
 from .policy import get_default_policy, release, set_default_policy
 from . import policy as _policy
+# shield mode: ffiguard.shield is the package and, called, shield(buffer, access=...)
+from . import shield
+from .shield import protected_buffer, unshield
 from . import report as _report
 
 __version__ = "0.1.0"
@@ -43,6 +47,8 @@ __all__ = [
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
     "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
     "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",
+    # shield mode:
+    "shield", "unshield", "protected_buffer", "ProtectionKeyViolation",
     # isolate mode (loaded on first use):
     "IsolatedCDLL", "foreign_buffer", "foreign_new", "ForeignTimeout", "ForeignExit",
     "HelperDied", "HelperUnavailable", "StaleHandle",

@@ -55,8 +55,8 @@ _PKEY_SYSCALLS = {"x86_64": (330, 331), "aarch64": (289, 290)}
 
 
 def protection_keys() -> str:
-    """'yes' if pkey_alloc works here, else 'no (reason)'. ffiguard's shield (which
-    would use them) is not implemented yet: this only says what the machine offers."""
+    """'yes' if pkey_alloc works here, else 'no (reason)': what the machine offers (the
+    "shield:" line says what ffiguard's shield mode uses)."""
     import ctypes
     import os
     import platform
@@ -125,6 +125,8 @@ def doctor_lines() -> List[str]:
             else:
                 add("  %-16s %s" % (name, where if name == "pyelftools" else _tool_version(where)))
         add("  %-16s always (dladdr, and ELF .symtab/.dynsym read by ffiguard)" % "fallback")
+        kind, reason = ffiguard.shield.mechanism()
+        add("shield:          %s" % reason)
         add("on_fault default: %s" % ffiguard.get_default_policy())
         add("stats:           %s" % ffiguard.stats())
     return lines

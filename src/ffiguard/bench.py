@@ -187,6 +187,58 @@ def isolate_cases(path: str) -> List[Case]:
     return cases
 
 
+SHIELD_SIZES = ((1 << 20, "1 MiB"), (64 << 20, "64 MiB"), (1 << 30, "1 GiB"))
+# mprotect fallback rows: 0.1% of --calls with 1 MiB shielded, fewer in proportion to the
+# size beyond (at least 1): a call costs ~0.1 ms per MiB shielded there.
+SHIELD_FALLBACK_SCALE = 0.001
+
+
+def shield_rows(path: str, rounds: int, n_calls: int) -> List[dict]:
+    """shield mode: a guarded ffg_noop() with 1 MiB, 64 MiB and 1 GiB shielded (every page
+    written first, as memory in use is), against the same guarded call with shield=False.
+    Measured after the other rows, one size at a time: shielded memory locks every
+    shielded guarded call in the process, so it must not exist while other rows run."""
+    import mmap
+
+    import ffiguard
+
+    kind, _ = ffiguard.shield.mechanism()
+    label = "protection keys" if kind == "pkeys" else "mprotect fallback"
+    lib = ffiguard.CDLL(path)
+    lib.ffg_noop.argtypes = []
+    lib.ffg_noop.restype = None
+    shielded = lib.ffg_noop
+    unshielded = ffiguard.guard(shielded, shield=False)
+    rows = []
+    for size, size_name in SHIELD_SIZES:
+        n_plain = n_calls if kind == "pkeys" else max(1, int(n_calls * SHIELD_FALLBACK_SCALE))
+        n = n_calls if kind == "pkeys" else max(
+            1, int(n_calls * SHIELD_FALLBACK_SCALE * (1 << 20) / size))
+        buf = mmap.mmap(-1, size)
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 1, size)
+        ffiguard.shield(buf)
+        try:
+            samples = {"plain": [], "guarded": []}
+            order = (("plain", unshielded, n_plain), ("guarded", shielded, n))
+            for side, fn, calls in order:
+                time_calls(fn, (), calls)  # warm-up
+            for r in range(rounds):
+                for side, fn, calls in (order if r % 2 == 0 else order[::-1]):
+                    samples[side].append(time_calls(fn, (), calls))
+        finally:
+            ffiguard.unshield(buf)
+            buf.close()
+        plain, guarded = _summary(samples["plain"]), _summary(samples["guarded"])
+        rows.append({
+            "name": "shield (%s), %s shielded: ctypes ffg_noop() (plain: shield=False)"
+                    % (label, size_name),
+            "plain_ns": plain, "guarded_ns": guarded,
+            "added_ns": guarded["median"] - plain["median"],
+            "ratio": guarded["median"] / plain["median"], "goal": False,
+        })
+    return rows
+
+
 def fault_cases(path: str) -> List[FaultCase]:
     import ffiguard
 
@@ -484,7 +536,7 @@ def _summary(values: List[float]) -> dict:
 
 
 def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
-        isolate: bool = True) -> dict:
+        isolate: bool = True, shield: bool = False) -> dict:
     import ffiguard
 
     path = path or ffiguard.crashers_path()
@@ -519,6 +571,8 @@ def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
             "ratio": guarded["median"] / plain["median"],
             "goal": case.goal,
         })
+    if shield:
+        rows += shield_rows(path, rounds, n_calls)
     fault_rows = []
     for case in faults:
         s = _summary([ns / 1000.0 for ns in samples[(case.name, "guarded")]])
@@ -652,7 +706,9 @@ def format_table(result: dict) -> str:
     out = [
         f"ffiguard {m['ffiguard']}: plain ctypes/cffi vs guarded, {result['rounds']} interleaved "
         f"rounds of {result['calls_per_round']} calls ({result['faults_per_round']} faults) "
-        f"per variant (isolate rows: 5% of that; 1 MiB rows: 1%); median (min) over rounds; "
+        f"per variant (isolate rows: 5% of that; 1 MiB rows: 1%; shield mprotect rows: 0.1% "
+        f"per MiB shielded); "
+        f"median (min) over rounds; "
         f"loop overhead included, nothing subtracted",
         f"machine: {m['cpu']}, {m['cpus']} CPUs; {m['platform']}; {m['python']} ({m['compiler']})",
         "",
@@ -682,11 +738,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--no-isolate", action="store_true",
                         help="leave out the isolate-mode rows (they start a helper process)")
+    parser.add_argument("--no-shield", action="store_true",
+                        help="leave out the shield rows (they shield up to 1 GiB)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.calls < 1 or args.faults < 1:
         parser.error("--rounds, --calls and --faults must be >= 1")
 
-    result = run(args.rounds, args.calls, args.faults, isolate=not args.no_isolate)
+    result = run(args.rounds, args.calls, args.faults, isolate=not args.no_isolate,
+                 shield=not args.no_shield)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -8,7 +8,7 @@ from . import _core
 __all__ = [
     "ForeignFault", "SegmentationFault", "BusError", "IllegalInstruction", "ArithmeticFault",
     "ForeignAbort", "ForeignStackOverflow", "LibraryQuarantined", "UnsupportedPlatform",
-    "code_name", "describe_pc",
+    "ProtectionKeyViolation", "code_name", "describe_pc",
 ]
 
 _STATE_WARNING = """
@@ -176,6 +176,18 @@ class ForeignStackOverflow(SegmentationFault):
     """SIGSEGV because the foreign code ran out of stack (e.g. unbounded recursion)."""
 
 
+class ProtectionKeyViolation(SegmentationFault):
+    """SIGSEGV because a guarded foreign call touched memory shielded with
+    ffiguard.shield() (or ffiguard.protected_buffer()): a write to a "read-only" region,
+    any access to a "none" region. The access did not happen: the bytes are unchanged.
+
+    ``address`` is the exact byte accessed. With protection keys ``code_name`` is
+    "SEGV_PKUERR" and ``pkey`` is the key; under the mprotect fallback (no protection
+    keys) ``code_name`` is "SEGV_ACCERR" and ``pkey`` is None."""
+
+    pkey = _field("pkey", lambda self: None)
+
+
 class BusError(ForeignFault):
     """SIGBUS in a foreign call: e.g. a read past the end of a memory-mapped file."""
     signal_number = _signal.SIGBUS
@@ -320,15 +332,29 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
         cls = ForeignStackOverflow
     else:
         cls = _CLASS_OF.get(signum, ForeignFault)
+    pkey = False
+    if signum == _SIGSEGV and shield_classify is not None:  # shield (issue 13)
+        pkey = shield_classify(record)
+        if pkey is not False:
+            cls = ProtectionKeyViolation
     exc = _new_exception(cls)
     exc._raw = record
     exc._values = {"function": function}
     exc._call = (args, kwnames)
+    if pkey is not False:
+        exc._values["pkey"] = pkey
     return _after_fault(exc, record[REC_FRAMES], policy)
+
+
+# shield (issue 13): set by ffiguard.shield when first imported: record -> the pkey
+# (None under the mprotect fallback) when the fault is a shield violation, else False.
+# While it is set, _core hands every SIGSEGV to from_record (it looks it up here).
+shield_classify = None
 
 
 from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)
 
 _core.set_fault_factory(from_record)
-_core.set_fault_types(_CLASS_OF, ForeignStackOverflow, ForeignFault, _after_fault)  # from_record, in C
+_core.set_fault_types(_CLASS_OF, ForeignStackOverflow, ForeignFault, _after_fault,  # from_record, in C
+                      globals())  # ... but from_record itself for SIGSEGV while shield_classify is set
 _core.set_quarantine_error(LibraryQuarantined)

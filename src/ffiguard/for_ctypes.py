@@ -49,16 +49,32 @@ def _retarget(func):
     return target
 
 
-def guard(func, name=None, policy=None):
+def _target_of(wrapped):
+    """The foreign function a guarded ctypes function object or cffi pointer calls (it
+    already points at its stub)."""
+    if isinstance(wrapped, ctypes._CFuncPtr):
+        stub = ctypes.c_void_p.from_address(ctypes.addressof(wrapped)).value
+    else:  # a cffi function pointer
+        from .for_cffi import _UINTPTR, _backend
+        stub = int(_backend.cast(_UINTPTR, wrapped))
+    return _core.stub_target(stub)
+
+
+def guard(func, name=None, policy=None, shield=None):
     """Return a GuardedFunction that calls the ctypes function object `func`.
 
     A fault inside the call raises an ffiguard.ForeignFault subclass instead of killing
     the process. `name` is used in reports (default: func.__name__). `policy` (a
-    _core.Policy, normally the library's) decides what happens after a fault. Guarding
-    an already guarded function returns it unchanged.
+    _core.Policy, normally the library's) decides what happens after a fault. `shield`
+    (default True): its calls lock memory shielded with ffiguard.shield(); False keeps
+    the plain hot path. Guarding an already guarded function returns it unchanged
+    (with `shield` given and different: a new GuardedFunction of the same function).
     """
     if isinstance(func, _core.GuardedFunction):
-        return func
+        if shield is None or bool(shield) == func.__shield__:
+            return func
+        return _core.GuardedFunction(func.__wrapped__, func.__guarded_name__, func.__policy__,
+                                     _target_of(func.__wrapped__), bool(shield))
     if not isinstance(func, ctypes._CFuncPtr):
         raise TypeError("guard() takes a ctypes function object (from a CDLL, or a CFUNCTYPE "
                         "prototype), not %s" % type(func).__name__)
@@ -67,7 +83,7 @@ def guard(func, name=None, policy=None):
         raise TypeError("functions from PyDLL/pythonapi run Python's own C API with the GIL "
                         "held; ffiguard does not guard them")
     target = _retarget(func)
-    return _core.GuardedFunction(func, name, policy, target)
+    return _core.GuardedFunction(func, name, policy, target, True if shield is None else bool(shield))
 
 
 def make_policy(name, on_fault):
@@ -85,7 +101,8 @@ class CDLL(ctypes.CDLL):
     ffiguard.ForeignFault instead of killing the process.
 
     Takes the same arguments as ctypes.CDLL, plus on_fault ("raise", "quarantine" or
-    "exit"; default: the global policy) for what happens after a fault. `mode` is
+    "exit"; default: the global policy) for what happens after a fault, and shield
+    (default True; False: its calls never lock memory shielded with ffiguard.shield()). `mode` is
     ctypes' dlopen flags when an int, or ffiguard's mode when a str: "trap" (the
     default: guarded calls in this process) or "isolate" (the library runs in a helper
     process: see ffiguard.isolate.IsolatedCDLL for its options, e.g. timeout=).
@@ -103,15 +120,18 @@ class CDLL(ctypes.CDLL):
             return IsolatedCDLL(name, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, name, mode=ctypes.DEFAULT_MODE, *args, on_fault=None, **kwargs):
+    def __init__(self, name, mode=ctypes.DEFAULT_MODE, *args, on_fault=None, shield=True,
+                 **kwargs):
         _check_supported()
         if mode == "trap":
             mode = ctypes.DEFAULT_MODE
         self._ffiguard_policy = make_policy(name, on_fault)
+        self._ffiguard_shield = bool(shield)  # shield=False: calls never lock shielded memory
         super().__init__(name, mode, *args, **kwargs)
 
     def __getitem__(self, name_or_ordinal):
-        return guard(super().__getitem__(name_or_ordinal), policy=self._ffiguard_policy)
+        return guard(super().__getitem__(name_or_ordinal), policy=self._ffiguard_policy,
+                     shield=self._ffiguard_shield)
 
 
 cdll = ctypes.LibraryLoader(CDLL)

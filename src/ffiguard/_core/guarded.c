@@ -6,6 +6,7 @@
  */
 #include "core.h"
 #include "pyhost.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <dlfcn.h>
 #include <link.h>
@@ -27,15 +28,18 @@ static struct {
     PyObject *stack_overflow; /* ForeignStackOverflow */
     PyObject *fallback;       /* ForeignFault */
     PyObject *after_fault;    /* after_fault(exc, raw frames, policy) -> exc */
+    PyObject *faults_globals; /* ffiguard.faults' namespace: shield_classify lives there */
+    PyObject *key_shield;     /* "shield_classify": set, SIGSEGVs go to from_record */
     PyObject *key_raw, *key_values, *key_call, *key_function; /* interned attribute names */
     PyObject *empty; /* () */
 } ffg_fast;
 
-int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *fallback, PyObject *after_fault)
+int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *fallback, PyObject *after_fault,
+                        PyObject *faults_globals)
 {
     if (!PyDict_Check(classes) || !PyType_Check(stack_overflow) || !PyType_Check(fallback) ||
-        !PyCallable_Check(after_fault)) {
-        PyErr_SetString(PyExc_TypeError, "set_fault_types(dict, type, type, callable)");
+        !PyCallable_Check(after_fault) || !PyDict_Check(faults_globals)) {
+        PyErr_SetString(PyExc_TypeError, "set_fault_types(dict, type, type, callable, dict)");
         return -1;
     }
     PyObject *key;
@@ -53,9 +57,10 @@ int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *f
         ffg_fast.key_values = PyUnicode_InternFromString("_values");
         ffg_fast.key_call = PyUnicode_InternFromString("_call");
         ffg_fast.key_function = PyUnicode_InternFromString("function");
+        ffg_fast.key_shield = PyUnicode_InternFromString("shield_classify");
         ffg_fast.empty = PyTuple_New(0);
         if (!ffg_fast.key_raw || !ffg_fast.key_values || !ffg_fast.key_call || !ffg_fast.key_function ||
-            !ffg_fast.empty)
+            !ffg_fast.key_shield || !ffg_fast.empty)
             return -1;
     }
     Py_XSETREF(ffg_fast.classes, PyDict_Copy(classes));
@@ -63,8 +68,22 @@ int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *f
         return -1;
     Py_XSETREF(ffg_fast.stack_overflow, Py_NewRef(stack_overflow));
     Py_XSETREF(ffg_fast.fallback, Py_NewRef(fallback));
+    Py_XSETREF(ffg_fast.faults_globals, Py_NewRef(faults_globals));
     Py_XSETREF(ffg_fast.after_fault, Py_NewRef(after_fault));
     return 0;
+}
+
+/* Whether faults.from_record itself must make this fault's exception: a SIGSEGV while
+ * shield mode's classifier is installed (it may be a ProtectionKeyViolation). 1, 0, or
+ * -1 with an exception set. */
+static int ffg_needs_from_record(const struct ffg_fault *r)
+{
+    if (r->signo != SIGSEGV)
+        return 0;
+    PyObject *hook = PyDict_GetItemWithError(ffg_fast.faults_globals, ffg_fast.key_shield); /* borrowed */
+    if (!hook)
+        return PyErr_Occurred() ? -1 : 0;
+    return hook != Py_None;
 }
 
 /* faults.from_record in C: cls.__new__(cls) (BaseException's: no __init__ runs), then
@@ -120,6 +139,7 @@ typedef struct {
     ffg_Policy *policy; /* or NULL */
     uintptr_t target;  /* the foreign function its stub calls: what arming names */
     vectorcallfunc vectorcall;
+    int shield; /* shield (issue 13): lock shielded memory during its calls (default 1) */
 } GuardedFunction;
 
 static struct ffg_thread *ffg_thread_state(void)
@@ -261,7 +281,10 @@ static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, st
             PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
     PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
     PyObject *exc = NULL;
-    if (record && call_args && ffg_fast.after_fault)
+    int slow = record && call_args && ffg_fast.after_fault ? ffg_needs_from_record(&copy) : 1;
+    if (slow < 0)
+        ; /* the exception from the lookup stands */
+    else if (!slow)
         exc = ffg_fast_exception(&copy, record, self->name, call_args, kwnames, policy);
     else if (record && call_args && ffg_fault_factory)
         exc = PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
@@ -355,6 +378,29 @@ static inline PyObject *ffg_gf_finish(GuardedFunction *self, struct ffg_thread *
     return result;
 }
 
+/* shield (issue 13, shield.c): how this call locks shielded memory. Protection keys: the
+ * token's top bit makes the thunk lock PKRU around the foreign call; the fallback:
+ * mprotect the regions around it. FFG_SHIELD_OFF when nothing is shielded (one load and
+ * a branch), -1 with an exception set. */
+static inline int ffg_gf_shield_begin(GuardedFunction *self, uint64_t *token)
+{
+    int shield = __atomic_load_n(&ffg_shield_mode, __ATOMIC_RELAXED);
+    if (__builtin_expect(shield != FFG_SHIELD_OFF, 0)) {
+        shield = self->shield ? shield : FFG_SHIELD_OFF;
+        if (shield == FFG_SHIELD_PKEYS)
+            *token |= FFG_SHIELD_TOKEN_BIT;
+        else if (shield == FFG_SHIELD_FALLBACK && ffg_shield_fallback_lock() < 0)
+            return -1;
+    }
+    return shield;
+}
+
+static inline void ffg_gf_shield_end(int shield)
+{
+    if (__builtin_expect(shield == FFG_SHIELD_FALLBACK, 0))
+        ffg_shield_fallback_unlock();
+}
+
 /* A GuardedFunction called while another one is armed: from argument conversion (a
  * from_param or _as_parameter_ running Python code) between the outer call's arming and
  * its foreign call. The outer arm is put back afterwards. */
@@ -366,6 +412,9 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
     uint64_t outer_token = t->armed_token;
     struct ffg_host outer_host = t->armed_host;
     uint64_t token = ++t->next_token;
+    int shield = ffg_gf_shield_begin(self, &token);
+    if (shield < 0)
+        return NULL;
     t->armed_token = token;
     ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target;
@@ -373,6 +422,7 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
     t->armed = outer;
     t->armed_token = outer_token;
     t->armed_host = outer_host;
+    ffg_gf_shield_end(shield);
     return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
 
@@ -390,20 +440,25 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
     if (__builtin_expect(t->armed != 0, 0))
         return ffg_gf_call_nested(self, t, args, nargsf, kwnames);
     uint64_t token = ++t->next_token;
+    int shield = ffg_gf_shield_begin(self, &token);
+    if (__builtin_expect(shield < 0, 0))
+        return NULL;
     t->armed_token = token;
     ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = 0;
+    ffg_gf_shield_end(shield);
     return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"function", "name", "policy", "target", NULL};
+    static char *kwlist[] = {"function", "name", "policy", "target", "shield", NULL};
     PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOO:GuardedFunction", kwlist, &wrapped, &name,
-                                     &policy, &target))
+    int shield = 1; /* shield (issue 13) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOp:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target, &shield))
         return NULL;
     uintptr_t target_address = 0;
     if (target && target != Py_None) {
@@ -439,6 +494,7 @@ static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->name = Py_NewRef(Py_None);
     }
     self->vectorcall = ffg_gf_vectorcall;
+    self->shield = shield; /* shield (issue 13) */
     return (PyObject *)self;
 }
 
@@ -532,7 +588,14 @@ static PyObject *ffg_gf_get_policy(GuardedFunction *self, void *closure)
     return Py_NewRef(self->policy ? (PyObject *)self->policy : Py_None);
 }
 
+static PyObject *ffg_gf_get_shield(GuardedFunction *self, void *closure) /* shield (issue 13) */
+{
+    (void)closure;
+    return PyBool_FromLong(self->shield);
+}
+
 static PyGetSetDef ffg_gf_getset[] = {
+    {"__shield__", (getter)ffg_gf_get_shield, NULL, "whether its calls lock shielded memory", NULL},
     {"__policy__", (getter)ffg_gf_get_policy, NULL, "the library's fault policy, or None", NULL},
     {"__wrapped__", (getter)ffg_gf_get_wrapped, NULL, "the ctypes function object called", NULL},
     {"_as_parameter_", (getter)ffg_gf_get_wrapped, NULL,

@@ -22,6 +22,7 @@
 
 #include "state.h"
 #include "pyhost.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <errno.h>
 #include <pthread.h>
@@ -206,18 +207,27 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
     if (t && t->unwinding)
         siglongjmp(t->unwind_escape, 1); /* our own unwinder faulted: see capture_pcs */
 
+    struct ffg_frame *f = ffg_guarded_frame(t, signo, si, uc);
+    /* shield (issue 13): shielded memory touched outside guarded foreign code is opened
+     * for the toucher (in the saved context) and the access runs again. */
+    if (ffg_shield_fixup(signo, si, uc, f != NULL)) {
+        errno = saved_errno;
+        return;
+    }
     /* An untrapped signal still reaches us while another handler installed on top of
      * ours chains to us: pass it on. */
-    struct ffg_frame *f = (ffg_chain_busy() || !ffg_trapped[signo]) ? NULL : ffg_guarded_frame(t, signo, si, uc);
+    if (ffg_chain_busy() || !ffg_trapped[signo])
+        f = NULL;
     struct ffg_fault *r = f ? ffg_free_record(t) : NULL;
     if (r) {
         ffg_record(t, r, f, signo, si, uc);
         unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
-        ffg_uc_recover(uc, f, (uintptr_t)&ffg_thunk_recover);
+        ffg_uc_recover(uc, f, ffg_shield_resume(f)); /* shield: its own return path restores PKRU */
         /* sigreturn restores this mask: the one the call started with, not whatever the
          * foreign code had blocked when it faulted (SIGINT, say). */
         uc->uc_sigmask = t->host_mask;
     } else {
+        ffg_shield_before_chain(); /* shield: open ffiguard's keys for the previous handler */
         ffg_chain(signo, si, uc);
     }
     errno = saved_errno;

@@ -1,6 +1,7 @@
 /* ffiguard._core: the module's functions and its initialisation. The types live in
  * guarded.c and policy.c; the signal handlers in handler.c and chain.c. */
 #include "core.h"
+#include "shield.h" /* shield (issue 13) */
 
 #include <errno.h>
 #include <stddef.h>
@@ -206,12 +207,13 @@ static PyObject *ffg_m_set_fault_factory(PyObject *mod, PyObject *arg)
 static PyObject *ffg_m_set_fault_types(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    PyObject *classes, *stack_overflow, *fallback, *after_fault;
+    PyObject *classes, *stack_overflow, *fallback, *after_fault, *faults_globals;
     if (ffg_refuse_subinterpreter() < 0)
         return NULL;
-    if (!PyArg_ParseTuple(args, "OOOO:set_fault_types", &classes, &stack_overflow, &fallback, &after_fault))
+    if (!PyArg_ParseTuple(args, "OOOOO:set_fault_types", &classes, &stack_overflow, &fallback, &after_fault,
+                          &faults_globals))
         return NULL;
-    if (ffg_set_fault_types(classes, stack_overflow, fallback, after_fault) < 0)
+    if (ffg_set_fault_types(classes, stack_overflow, fallback, after_fault, faults_globals) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -280,8 +282,9 @@ static PyMethodDef ffg_methods[] = {
      "_set_unwind_available(flag): tests only; False behaves as without _dl_find_object"},
     {"set_fault_factory", ffg_m_set_fault_factory, METH_O, "set the record -> exception callable"},
     {"set_fault_types", ffg_m_set_fault_types, METH_VARARGS,
-     "set_fault_types(classes by signal number, stack overflow class, fallback class, after_fault): "
-     "the exception is then made in C, as faults.from_record would"},
+     "set_fault_types(classes by signal number, stack overflow class, fallback class, after_fault, "
+     "faults' globals): the exception is then made in C, as faults.from_record would (from_record "
+     "itself for a SIGSEGV while globals['shield_classify'] is set)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -327,6 +330,7 @@ PyMODINIT_FUNC PyInit__core(void)
 #else
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
+        PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
         PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -152,6 +152,36 @@ EXPORT int ffg_spin_ms(int ms)
 /* Calls back into the host: returns cb(x) + 1. */
 EXPORT int ffg_call_callback(int (*cb)(int), int x) { return cb(x) + 1; }
 
+/* shield: a SIGSEGV handler (installed before ffiguard's, so ffiguard chains to it) that
+ * reads one byte at an address, prints "=<byte>" and exits 3: can a previous handler
+ * read shielded memory? */
+static volatile uintptr_t ffg_reader_address;
+
+static void ffg_reader_handler(int signo)
+{
+    (void)signo;
+    char line[3] = {'=', *(volatile char *)ffg_reader_address, '\n'};
+    if (write(1, line, sizeof line) < 0)
+        _exit(4);
+    _exit(3);
+}
+
+EXPORT int ffg_install_reader_handler(uintptr_t address)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = ffg_reader_handler;
+    ffg_reader_address = address;
+    return sigaction(SIGSEGV, &sa, NULL);
+}
+
+/* shield: a write after a callback returned (is the memory locked again?) */
+FAULTY void ffg_call_then_write(int (*cb)(int), uintptr_t address, int value)
+{
+    cb(0);
+    ffg_write_at(address, value);
+}
+
 /* Eight ints (two of them on the stack on x86-64) and four doubles, each weighted
  * differently so that a misplaced argument changes the result. */
 EXPORT double ffg_mix12(int a, int b, int c, int d, int e, int f, int g, int h,

@@ -73,6 +73,9 @@ ffg_thunk:
     movq    %r15, F_R15(%rbx)
     stmxcsr F_MXCSR(%rbx)
     fnstcw  F_FPUCW(%rbx)
+    /* shield (issue 13): the one test the unshielded path pays */
+    cmpq    $0, F_TOKEN(%rbx)           /* token's top bit: lock PKRU for this call */
+    js      .Lshield_call
     call    *F_TARGET(%rbx)
 
     .globl  ffg_thunk_return
@@ -100,6 +103,48 @@ ffg_thunk_recover:                      /* the handler resumes here too (same pa
     movq    F_RBX(%rbx), %rbx
     pushq   %r11
     ret
+
+    /* ---- shield (issue 13): a call with the host's memory locked by PKRU -------------
+     * Save the caller's PKRU in the frame, write the locked value
+     * (PKRU & ffg_shield_keep | ffg_shield_lockbits: ffiguard's keys write- or
+     * access-disabled, every other key as the caller had it), call, and write the saved
+     * PKRU back. RDPKRU/WRPKRU use eax, ecx (must be 0) and edx, which hold arguments
+     * here (al: the varargs count; rcx, rdx: arguments): kept in r10, r11 (free: the
+     * target is in the frame) and the frame. The handler resumes a faulted shielded call
+     * at ffg_thunk_shield_recover: sigreturn has put back the locked fault-time PKRU,
+     * and this same return path writes the caller's. Then the common return path. */
+    .cfi_restore_state
+    .cfi_remember_state
+    .cfi_undefined rip
+.Lshield_call:
+    movq    %rax, F_SHIELD_RAX(%rbx)
+    movq    %rcx, %r10
+    movq    %rdx, %r11
+    xorl    %ecx, %ecx
+    .byte   0x0f, 0x01, 0xee            /* rdpkru: eax = PKRU (edx = 0) */
+    movl    %eax, F_PKRU(%rbx)
+    andl    ffg_shield_keep(%rip), %eax
+    orl     ffg_shield_lockbits(%rip), %eax
+    xorl    %edx, %edx
+    .byte   0x0f, 0x01, 0xef            /* wrpkru: PKRU = eax (ecx = edx = 0) */
+    movq    %r10, %rcx
+    movq    %r11, %rdx
+    movq    F_SHIELD_RAX(%rbx), %rax
+    call    *F_TARGET(%rbx)
+
+    .globl  ffg_thunk_shield_recover
+    .hidden ffg_thunk_shield_recover
+ffg_thunk_shield_recover:               /* rax/rdx/xmm0/xmm1/st0 hold the result */
+    movq    %rax, %r10
+    movq    %rdx, %r11
+    movl    F_PKRU(%rbx), %eax
+    xorl    %ecx, %ecx
+    xorl    %edx, %edx
+    .byte   0x0f, 0x01, 0xef            /* wrpkru: the caller's PKRU back */
+    movq    %r10, %rax
+    movq    %r11, %rdx
+    jmp     ffg_thunk_return
+    /* ---- end of shield ---------------------------------------------------------------- */
 
 .Lfull:                                 /* guard stack exhausted: call unguarded. GuardedFunction
                                          * refuses a call when the stack is full, so this is

@@ -22,7 +22,10 @@
 #define F_HOST 80 /* struct ffg_host: ts, frame, depth */
 #define F_MXCSR 104
 #define F_FPUCW 108
-#define FRAME_SIZE 112
+/* shield (issue 13): at the end, see the shield block below */
+#define F_PKRU 112         /* the caller's PKRU, written back on return and on recovery */
+#define F_SHIELD_RAX 120   /* rax (the varargs count) while the thunk writes PKRU */
+#define FRAME_SIZE 128
 
 #ifndef __ASSEMBLER__
 #include <stddef.h>
@@ -41,10 +44,17 @@ struct ffg_frame {
     uint32_t mxcsr;
     uint16_t fpucw;
     uint16_t pad;
+    /* shield (issue 13): used only by a shielded call (token bit FFG_SHIELD_TOKEN_BIT) */
+    uint32_t pkru;       /* the caller's PKRU */
+    uint32_t pad2;
+    uint64_t shield_rax; /* scratch: rax while the thunk writes PKRU */
 };
 
 _Static_assert(offsetof(struct ffg_frame, mxcsr) == F_MXCSR, "F_MXCSR");
 _Static_assert(offsetof(struct ffg_frame, fpucw) == F_FPUCW, "F_FPUCW");
+_Static_assert(offsetof(struct ffg_frame, pkru) == F_PKRU, "F_PKRU");
+_Static_assert(offsetof(struct ffg_frame, shield_rax) == F_SHIELD_RAX, "F_SHIELD_RAX");
+_Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
 
 #define FFG_ARCH_NAME "x86_64"
 #define FFG_NREGS 23 /* the general registers saved in the signal context */
@@ -177,6 +187,71 @@ static inline void ffg_uc_recover(ucontext_t *uc, const struct ffg_frame *frame,
         fp->ftw = 0;
         memset(&fp->_xmm[0], 0, sizeof(struct _libc_xmmreg)); /* xmm0 = 0.0: a float result reads as 0 */
     }
+}
+
+/* ---- shield (issue 13): protection keys (PKRU) ---------------------------------------
+ * RDPKRU/WRPKRU as bytes (assemblers before binutils 2.26 lack the mnemonics). Both are
+ * single unprivileged instructions: async-signal-safe. They raise #UD unless the CPU has
+ * PKU and the kernel enabled it (CR4.PKE): shield.c calls them only after pkey_alloc
+ * succeeded. */
+#define FFG_ARCH_HAS_PKEYS 1
+#define FFG_PKRU_BITS_PER_KEY 2
+#define FFG_PKRU_AD 1u /* access-disable bit of a key, shifted by 2 * key */
+#define FFG_PKRU_WD 2u /* write-disable bit */
+
+static inline uint32_t ffg_arch_rdpkru(void)
+{
+    uint32_t eax, edx;
+    __asm__ volatile(".byte 0x0f, 0x01, 0xee" : "=a"(eax), "=d"(edx) : "c"(0));
+    (void)edx;
+    return eax;
+}
+
+static inline void ffg_arch_wrpkru(uint32_t value)
+{
+    __asm__ volatile(".byte 0x0f, 0x01, 0xef" : : "a"(value), "c"(0), "d"(0) : "memory");
+}
+
+/* The signal frame's FP state is an XSAVE area (PKU.md): the software-reserved bytes of
+ * the legacy area carry FP_XSTATE_MAGIC1, the XSAVE header's XSTATE_BV says which
+ * components it holds, and PKRU (component 9) sits at the offset CPUID(0xD, 9).EBX
+ * gives (the standard, non-compacted format the kernel uses for signal frames). */
+#define FFG_XSAVE_MAGIC1 0x46505853u
+#define FFG_XSAVE_MAGIC1_OFFSET 464 /* fpx_sw_bytes.magic1 in the legacy area */
+#define FFG_XSAVE_XFEATURES_OFFSET 472 /* fpx_sw_bytes.xfeatures: what the frame can hold */
+#define FFG_XSAVE_XSTATE_BV_OFFSET 512
+#define FFG_XSTATE_PKRU_COMPONENT 9
+#define FFG_CPUID_XSTATE_LEAF 0xD
+
+static inline uint32_t ffg_arch_pkru_xsave_offset(void) /* normal context, once */
+{
+    uint32_t a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d)
+                     : "a"(FFG_CPUID_XSTATE_LEAF), "c"(FFG_XSTATE_PKRU_COMPONENT));
+    return b;
+}
+
+/* The saved PKRU in a signal context, or NULL when the frame has none (async-signal-safe:
+ * plain reads). Writing through the pointer sets what sigreturn installs; the caller must
+ * also have called ffg_uc_mark_pkru so that XRSTOR loads it. */
+static inline uint32_t *ffg_uc_pkru(ucontext_t *uc, uint32_t xsave_offset)
+{
+    unsigned char *x = (unsigned char *)uc->uc_mcontext.fpregs;
+    uint32_t magic;
+    uint64_t features;
+    if (!x || !xsave_offset)
+        return NULL;
+    memcpy(&magic, x + FFG_XSAVE_MAGIC1_OFFSET, sizeof magic);
+    memcpy(&features, x + FFG_XSAVE_XFEATURES_OFFSET, sizeof features);
+    if (magic != FFG_XSAVE_MAGIC1 || !(features & ((uint64_t)1 << FFG_XSTATE_PKRU_COMPONENT)))
+        return NULL;
+    return (uint32_t *)(void *)(x + xsave_offset);
+}
+
+static inline void ffg_uc_mark_pkru(ucontext_t *uc)
+{
+    uint64_t *bv = (uint64_t *)(void *)((unsigned char *)uc->uc_mcontext.fpregs + FFG_XSAVE_XSTATE_BV_OFFSET);
+    *bv |= (uint64_t)1 << FFG_XSTATE_PKRU_COMPONENT;
 }
 #endif /* __ASSEMBLER__ */
 #endif
