@@ -9,9 +9,8 @@
  * (__register_frame: LLVM/llvmlite, wasm engines, LuaJIT), libgcc looks every pc up
  * under a mutex. A fault inside libgcc escaped with siglongjmp leaves that mutex held
  * and the next fault deadlocks in the handler; a fault while the same thread is inside
- * libgcc's unwinder (a C++ throw) deadlocks at once. (That is libgcc up to GCC 12, as in
- * Debian 12; GCC 13 made registered-frame lookups lock-free, but libgcc still takes its
- * lock to register, deregister and, before, to search.) This unwinder holds no lock, ever.
+ * libgcc's unwinder (a C++ throw) deadlocks at once. (libgcc up to GCC 12, as in Debian
+ * 12; GCC 13 made lookups of registered frames lock-free.) This unwinder holds no lock.
  *
  * How a step works:
  *   1. _dl_find_object(pc) gives the ELF object containing pc, its mapping and its
