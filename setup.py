@@ -24,6 +24,7 @@ core_sources = [
     "src/ffiguard/_core/policy.c",
     "src/ffiguard/_core/state.c",
     "src/ffiguard/_core/handler.c",
+    "src/ffiguard/_core/unwind.c",
     "src/ffiguard/_core/chain.c",
     "src/ffiguard/_core/stubs.c",
     "src/ffiguard/_core/shield.c",

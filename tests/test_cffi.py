@@ -631,6 +631,6 @@ def test_benchmark_cffi_rows():
     assert rows["cffi ffg_noop()"]["goal"] is True
     assert "cffi ffg_add(1, 2)" in rows
     assert "cffi API-mode ffg_add(1, 2) (guarded: by address)" in rows
-    assert result["skipped"] == []
+    assert [s for s in result["skipped"] if s.startswith("cffi")] == []
     assert any(g["what"].startswith("cffi ffg_noop()") for g in result["goals"])
     assert "cffi ffg_noop()" in bench.format_table(result)

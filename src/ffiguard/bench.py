@@ -15,6 +15,13 @@ plain; "ratio" is median guarded / median plain.
 
 The fault row times a guarded call that faults (ffg_read_null) inside
 try/except: signal, recovery, building and raising the exception, catching it.
+Beside it, in the same interleaved rounds, two baselines that keep no address,
+registers or backtrace: a bare sigsetjmp/siglongjmp guard in C (always: the
+crashers module's baseline_read_null, whose SIGSEGV handler is installed only
+around its own timed loop) and cysignals' sig_on/sig_off around the same NULL
+read in a Cython module compiled now (left out, with the reason printed, when
+cysignals, Cython or a C compiler is missing; its handler too is swapped in only
+around its loop). Their "ratio" column is ffiguard's median over theirs.
 
 The cffi rows (ABI mode, and API mode when a C compiler can build a module at run
 time) are left out, with the reason printed, when cffi is not installed.
@@ -57,13 +64,17 @@ class Case(NamedTuple):
 
 
 class FaultCase(NamedTuple):
-    """One fault row: a guarded call that faults, and the exception it raises."""
+    """One fault row: a guarded call that faults, and the exception it raises.
+    enter/leave run around each timed loop (untimed): a baseline's own handler."""
 
     name: str
     guarded: Callable[..., Any]
     exception: type
     args: Tuple[Any, ...] = ()
     goal: bool = False
+    baseline: bool = False  # a comparison row: ffiguard's fault row over it is its ratio
+    enter: Optional[Callable[[], Any]] = None
+    leave: Optional[Callable[[], Any]] = None
 
 
 # ---- the cases ----------------------------------------------------------------
@@ -241,7 +252,146 @@ def fault_cases(path: str) -> List[FaultCase]:
             ffiguard.SegmentationFault,
             goal=True,
         ),
-    ]
+    ] + baseline_cases()
+
+
+BASELINE_NAME = "baseline: bare sigsetjmp/siglongjmp NULL read -> exception (C)"
+CYSIGNALS_NAME = "baseline: cysignals sig_on/sig_off NULL read -> SignalError (Cython)"
+
+
+def baseline_cases() -> List[FaultCase]:
+    """The bare C baseline (always) and cysignals (when it can be built)."""
+    from . import _crashers
+
+    bare = FaultCase(BASELINE_NAME, _crashers.baseline_read_null, _crashers.BaselineFault,
+                     baseline=True, enter=_crashers.baseline_install, leave=_crashers.baseline_restore)
+    return [bare] + cysignals_cases()
+
+
+CYSIGNALS_PYX = '''# cython: language_level=3
+from cysignals.signals cimport sig_on, sig_off
+
+cdef extern from *:
+    """
+    static int bench_read_null(void) { return *(volatile int *)0; }
+    """
+    int bench_read_null() nogil
+
+def read_null():
+    sig_on()
+    bench_read_null()
+    sig_off()
+'''
+
+
+class _RawSignalState:
+    """Every signal's raw sigaction and the alternate stack, saved and put back through
+    libc (cysignals installs its handlers, and its own alternate stack, at import)."""
+
+    ACTION_SIZE = 256  # >= sizeof(struct sigaction) on every Linux ABI
+    STACK_SIZE = 64    # >= sizeof(stack_t)
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.libc.sigaltstack.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+    def action(self, signo):
+        buf = ctypes.create_string_buffer(self.ACTION_SIZE)
+        if self.libc.sigaction(signo, None, buf) != 0:
+            return None  # numbers glibc keeps for itself
+        return buf
+
+    def set_action(self, signo, buf, old=None):
+        self.libc.sigaction(signo, buf, old)
+
+    def save(self):
+        import signal
+
+        stack = ctypes.create_string_buffer(self.STACK_SIZE)
+        self.libc.sigaltstack(None, stack)
+        actions = {s: self.action(s) for s in range(1, signal.NSIG)}
+        return stack, {s: a for s, a in actions.items() if a is not None}
+
+    def restore(self, saved):
+        stack, actions = saved
+        for signo, buf in actions.items():
+            self.set_action(signo, buf)
+        self.libc.sigaltstack(stack, None)
+
+
+def cysignals_cases() -> List[FaultCase]:
+    """cysignals (pip install cysignals cython): a Cython module compiled now, in a
+    temporary directory, calling sig_on(), a NULL read, sig_off(). Importing it installs
+    cysignals' handlers (and alternate stack); everything is put back at once, and
+    cysignals' SIGSEGV handler is swapped in only around this row's timed loop."""
+    import contextlib
+    import importlib
+    import importlib.util
+    import io
+    import shutil
+    import signal
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    for module in ("cysignals", "Cython"):
+        if importlib.util.find_spec(module) is None:
+            skipped.append("cysignals row: %s is not installed (pip install cysignals cython)" % module)
+            return []
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc.split()[0]) is None:
+        skipped.append("cysignals row: no C compiler (%s)" % cc)
+        return []
+    if _cysignals_built:  # built and imported once per process: its handler was saved then
+        return [_cysignals_case(*_cysignals_built)]
+    cysignals_dir = os.path.dirname(importlib.util.find_spec("cysignals").origin)
+    name = "_ffiguard_bench_cysignals"
+    directory = tempfile.mkdtemp(prefix="ffiguard-bench-")
+    raw = _RawSignalState()
+    try:
+        pyx = os.path.join(directory, name + ".pyx")
+        c_file = os.path.join(directory, name + ".c")
+        with open(pyx, "w") as f:
+            f.write(CYSIGNALS_PYX)
+        steps = [
+            [sys.executable, "-m", "cython", "-3", "-I", os.path.dirname(cysignals_dir), pyx, "-o", c_file],
+            cc.split() + ["-shared", "-fPIC", "-O2", "-I" + sysconfig.get_paths()["include"],
+                          "-I" + cysignals_dir, "-I" + os.path.dirname(cysignals_dir), c_file, "-o",
+                          os.path.join(directory, name + sysconfig.get_config_var("EXT_SUFFIX"))],
+        ]
+        for command in steps:
+            build = subprocess.run(command, capture_output=True, text=True)
+            if build.returncode != 0:
+                skipped.append("cysignals row: building failed: %s"
+                               % ((build.stderr or build.stdout).strip().splitlines() or ["?"])[-1])
+                return []
+        ours = raw.save()
+        sys.path.insert(0, directory)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                module = importlib.import_module(name)
+            import cysignals.signals
+        finally:
+            sys.path.remove(directory)
+            theirs = raw.action(signal.SIGSEGV)
+            raw.restore(ours)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # the loaded module stays mapped
+    _cysignals_built[:] = [raw, module.read_null, cysignals.signals.SignalError, theirs]
+    return [_cysignals_case(*_cysignals_built)]
+
+
+_cysignals_built: list = []  # [raw state, read_null, SignalError, cysignals' SIGSEGV action]
+
+
+def _cysignals_case(raw, read_null, error, theirs) -> FaultCase:
+    import signal
+
+    saved = ctypes.create_string_buffer(raw.ACTION_SIZE)
+    return FaultCase(CYSIGNALS_NAME, read_null, error, baseline=True,
+                     enter=lambda: raw.set_action(signal.SIGSEGV, theirs, saved),
+                     leave=lambda: raw.set_action(signal.SIGSEGV, saved))
 
 
 # ---- timing loops ---------------------------------------------------------------
@@ -313,14 +463,19 @@ def time_calls(fn, args: Sequence[Any], n: int) -> float:
     return elapsed / n
 
 
-def time_faults(fn, args: Sequence[Any], exception: type, n: int) -> float:
-    """ns per fault -> exception round trip of fn(*args) over n faulting calls."""
+def time_faults(fn, args: Sequence[Any], exception: type, n: int, enter=None, leave=None) -> float:
+    """ns per fault -> exception round trip of fn(*args) over n faulting calls;
+    enter() and leave() run around the loop, untimed."""
     loop = _loop("fault", len(args))
     enabled = gc.isenabled()
     gc.disable()
+    if enter:
+        enter()
     try:
         elapsed, caught = loop(fn, tuple(args), n, _clock, exception)
     finally:
+        if leave:
+            leave()
         if enabled:
             gc.enable()
     if caught != n:
@@ -349,7 +504,7 @@ def _variants(calls: List[Case], faults: List[FaultCase], n_calls: int, n_faults
         variants.append(
             Variant(
                 (case.name, "guarded"),
-                lambda c=case: time_faults(c.guarded, c.args, c.exception, n_faults),
+                lambda c=case: time_faults(c.guarded, c.args, c.exception, n_faults, c.enter, c.leave),
             )
         )
     return variants
@@ -363,12 +518,17 @@ def _check(calls: List[Case], faults: List[FaultCase]) -> None:
             if got != case.expect:
                 raise RuntimeError(f"{case.name} ({side}) returned {got!r}, expected {case.expect!r}")
     for case in faults:
+        if case.enter:
+            case.enter()
         try:
             case.guarded(*case.args)
         except case.exception:
             pass
         else:
             raise RuntimeError(f"{case.name} did not raise {case.exception.__name__}")
+        finally:
+            if case.leave:
+                case.leave()
 
 
 def _summary(values: List[float]) -> dict:
@@ -416,7 +576,12 @@ def run(rounds: int, n_calls: int, n_faults: int, path: Optional[str] = None,
     fault_rows = []
     for case in faults:
         s = _summary([ns / 1000.0 for ns in samples[(case.name, "guarded")]])
-        fault_rows.append({"name": case.name, "round_trip_us": s, "goal": case.goal})
+        fault_rows.append({"name": case.name, "round_trip_us": s, "goal": case.goal,
+                           "baseline": case.baseline})
+    ours = next((r for r in fault_rows if r["goal"]), None)
+    for row in fault_rows:  # ffiguard's round trip over each baseline's
+        if row["baseline"] and ours:
+            row["ffiguard_ratio"] = ours["round_trip_us"]["median"] / row["round_trip_us"]["median"]
 
     return {
         "machine": machine(),
@@ -455,6 +620,14 @@ def goals(rows: List[dict], fault_rows: List[dict]) -> List[dict]:
             med = row["round_trip_us"]["median"]
             out.append({"what": f"fault -> exception <= {GOAL_FAULT_US:g} us",
                         "value": round(med, 2), "met": med <= GOAL_FAULT_US})
+    # issue 12: no slower than cysignals in the same run (the bare baseline stands in
+    # for it when cysignals cannot be built)
+    by_name = {row["name"]: row for row in fault_rows}
+    base = by_name.get(CYSIGNALS_NAME) or by_name.get(BASELINE_NAME)
+    if base and "ffiguard_ratio" in base:
+        which = "cysignals" if base["name"] == CYSIGNALS_NAME else "the bare sigsetjmp baseline"
+        out.append({"what": f"fault -> exception / {which} <= 1.00",
+                    "value": round(base["ffiguard_ratio"], 2), "met": base["ffiguard_ratio"] <= 1.0})
     return out
 
 
@@ -517,7 +690,8 @@ def format_table(result: dict) -> str:
         ))
     for r in result["faults"]:
         s = r["round_trip_us"]
-        rows.append((r["name"], "n/a", f"{s['median']:.2f} us (min {s['min']:.2f})", "", ""))
+        ratio = f"{r['ffiguard_ratio']:.2f}" if "ffiguard_ratio" in r else ""
+        rows.append((r["name"], "n/a", f"{s['median']:.2f} us (min {s['min']:.2f})", "", ratio))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(cells):

@@ -20,7 +20,8 @@ the process as suspect: save what matters, and prefer restarting it (or isolatin
 library) over carrying on for long."""
 
 
-# Positions in the raw fault record made by _core (fault_as_tuple in _core/module.c).
+# Positions in the raw fault record made by _core (fault_as_tuple in _core/guarded.c,
+# which knows REC_FRAMES and the count too).
 REC_SIGNAL, REC_CODE, REC_ADDRESS, REC_PC, REC_SP, REC_ACCESS, REC_STACK_OVERFLOW, \
     REC_FRAMES, REC_REGISTERS, REC_WHERE = range(10)
 
@@ -315,22 +316,31 @@ def _message(exc):
     return " ".join(parts)
 
 
+_CLASS_OF = {int(signum): cls for signum, cls in _CLASSES.items()}  # by plain int: no enum hashing
+_SIGSEGV = int(_signal.SIGSEGV)
+_new_exception = BaseException.__new__
+
+
 def from_record(record, function, args=(), kwnames=None, policy=None):
     """The exception for a fault record made by the signal handler (_core); called by
     _core on the fault path, so everything but the class is worked out lazily. `args`
     are the Python arguments of the call (keyword values last, named by `kwnames`);
-    `policy` is the library's _core.Policy or None."""
+    `policy` is the library's _core.Policy or None. What ForeignFault._from_record
+    does, inline: this is the one Python frame of the fault path besides the policy's."""
     signum = record[REC_SIGNAL]
-    if signum == _signal.SIGSEGV and record[REC_STACK_OVERFLOW]:
+    if signum == _SIGSEGV and record[REC_STACK_OVERFLOW]:
         cls = ForeignStackOverflow
     else:
-        cls = _CLASSES.get(signum, ForeignFault)
+        cls = _CLASS_OF.get(signum, ForeignFault)
     pkey = False
-    if signum == _signal.SIGSEGV and shield_classify is not None:  # shield (issue 13)
+    if signum == _SIGSEGV and shield_classify is not None:  # shield (issue 13)
         pkey = shield_classify(record)
         if pkey is not False:
             cls = ProtectionKeyViolation
-    exc = cls._from_record(record, function, (args, kwnames))
+    exc = _new_exception(cls)
+    exc._raw = record
+    exc._values = {"function": function}
+    exc._call = (args, kwnames)
     if pkey is not False:
         exc._values["pkey"] = pkey
     return _after_fault(exc, record[REC_FRAMES], policy)
@@ -338,10 +348,13 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
 
 # shield (issue 13): set by ffiguard.shield when first imported: record -> the pkey
 # (None under the mprotect fallback) when the fault is a shield violation, else False.
+# While it is set, _core hands every SIGSEGV to from_record (it looks it up here).
 shield_classify = None
 
 
 from .policy import after_fault as _after_fault  # noqa: E402  (policy imports nothing of ours but _core)
 
 _core.set_fault_factory(from_record)
+_core.set_fault_types(_CLASS_OF, ForeignStackOverflow, ForeignFault, _after_fault,  # from_record, in C
+                      globals())  # ... but from_record itself for SIGSEGV while shield_classify is set
 _core.set_quarantine_error(LibraryQuarantined)

@@ -29,8 +29,8 @@ ON_FAULT = ("raise", "quarantine", "exit")
 EXIT_STATUS = 70  # EX_SOFTWARE (sysexits.h): internal software error
 
 _default = "raise"
-_pending = {}  # raw frame bytes of faults not yet classified -> how many such faults
-_PENDING_MAX = 256  # distinct backtraces: classified in a batch beyond this
+_pending = []  # raw frame bytes of faults not yet classified (list.append: atomic, no lock)
+_PENDING_MAX = 256  # classified in a batch beyond this
 _known = {}  # raw frame bytes -> suspect or not (a backtrace seen before)
 _suspect = 0
 _lock = threading.Lock()
@@ -90,10 +90,8 @@ def mode_for(policy):
 def after_fault(exc, raw, policy):
     """Called by faults.from_record for every fault, with its raw backtrace bytes: queue
     them for the suspect count, then apply the policy. Cheap for "raise"."""
-    with _lock:  # faults on several threads at once: no count lost or doubled
-        _pending[raw] = _pending.get(raw, 0) + 1
-        full = len(_pending) > _PENDING_MAX
-    if full:
+    _pending.append(raw)  # atomic on every build (free-threaded lists lock themselves)
+    if len(_pending) > _PENDING_MAX:
         _classify_pending()
     mode = policy.on_fault if policy is not None else None
     if mode is None:
@@ -211,19 +209,17 @@ def _classify_pending():
     global _suspect
     import array
 
-    with _lock:
-        batch = []
-        while _pending:
-            batch.append(_pending.popitem())
-    n = 0
-    for raw, count in batch:
-        bad = _known.get(raw)
-        if bad is None:
-            if len(_known) >= 4096:
-                _known.clear()
-            bad = _known[raw] = classify(list(array.array("Q", raw)))[0] is not None
-        n += count if bad else 0
-    with _lock:
+    with _lock:  # one classifier at a time; faults keep appending meanwhile
+        batch = _pending[:]
+        del _pending[:len(batch)]  # only what was copied: later appends are past it
+        n = 0
+        for raw in batch:
+            bad = _known.get(raw)
+            if bad is None:
+                if len(_known) >= 4096:
+                    _known.clear()
+                bad = _known[raw] = classify(list(array.array("Q", raw)))[0] is not None
+            n += bad
         _suspect += n
 
 

@@ -55,7 +55,7 @@ def read_maps(path="/proc/self/maps"):
     """[(start, end, perms, offset, name)] of the process's mappings, now."""
     maps = []
     try:
-        with open(path) as f:
+        with open(path, errors="surrogateescape") as f:  # names as os.fsdecode gives them
             for line in f:
                 parts = line.split(None, 5)
                 if len(parts) < 5:

@@ -43,6 +43,8 @@ extern PyObject *ffg_quarantine_error; /* ffiguard.LibraryQuarantined, set at im
 /* guarded.c */
 extern PyTypeObject ffg_GuardedFunction_Type;
 extern PyObject *ffg_fault_factory; /* ffiguard.faults.from_record, set at import */
+int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *fallback, PyObject *after_fault,
+                        PyObject *faults_globals);
 extern const char *const ffg_access_names[];
 PyObject *ffg_describe(uintptr_t pc); /* (path, base, symbol, symbol address) or None */
 

@@ -10,8 +10,125 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <pthread.h>
+#include <string.h>
 
 PyObject *ffg_fault_factory;
+
+/* Positions in the record tuple (faults.py's REC_*: keep both in step). */
+#define REC_FRAMES_INDEX 7
+#define REC_FIELD_COUNT 10
+
+/* The fast way to the exception, set at import by ffiguard.faults (set_fault_types):
+ * the class for each signal number, the stack-overflow class, the fallback class, and
+ * the policy step (ffiguard.policy.after_fault). With them the exception is made here,
+ * as faults.from_record would make it, without that Python frame. */
+static struct {
+    PyObject *classes;        /* dict: signal number -> class */
+    PyObject *stack_overflow; /* ForeignStackOverflow */
+    PyObject *fallback;       /* ForeignFault */
+    PyObject *after_fault;    /* after_fault(exc, raw frames, policy) -> exc */
+    PyObject *faults_globals; /* ffiguard.faults' namespace: shield_classify lives there */
+    PyObject *key_shield;     /* "shield_classify": set, SIGSEGVs go to from_record */
+    PyObject *key_raw, *key_values, *key_call, *key_function; /* interned attribute names */
+    PyObject *empty; /* () */
+} ffg_fast;
+
+int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *fallback, PyObject *after_fault,
+                        PyObject *faults_globals)
+{
+    if (!PyDict_Check(classes) || !PyType_Check(stack_overflow) || !PyType_Check(fallback) ||
+        !PyCallable_Check(after_fault) || !PyDict_Check(faults_globals)) {
+        PyErr_SetString(PyExc_TypeError, "set_fault_types(dict, type, type, callable, dict)");
+        return -1;
+    }
+    PyObject *key;
+    Py_ssize_t pos = 0;
+    PyObject *value;
+    while (PyDict_Next(classes, &pos, &key, &value)) {
+        if (!PyLong_Check(key) || !PyType_Check(value) ||
+            !PyType_IsSubtype((PyTypeObject *)value, (PyTypeObject *)PyExc_BaseException)) {
+            PyErr_SetString(PyExc_TypeError, "set_fault_types: classes maps signal numbers to exception classes");
+            return -1;
+        }
+    }
+    if (!ffg_fast.key_raw) {
+        ffg_fast.key_raw = PyUnicode_InternFromString("_raw");
+        ffg_fast.key_values = PyUnicode_InternFromString("_values");
+        ffg_fast.key_call = PyUnicode_InternFromString("_call");
+        ffg_fast.key_function = PyUnicode_InternFromString("function");
+        ffg_fast.key_shield = PyUnicode_InternFromString("shield_classify");
+        ffg_fast.empty = PyTuple_New(0);
+        if (!ffg_fast.key_raw || !ffg_fast.key_values || !ffg_fast.key_call || !ffg_fast.key_function ||
+            !ffg_fast.key_shield || !ffg_fast.empty)
+            return -1;
+    }
+    Py_XSETREF(ffg_fast.classes, PyDict_Copy(classes));
+    if (!ffg_fast.classes)
+        return -1;
+    Py_XSETREF(ffg_fast.stack_overflow, Py_NewRef(stack_overflow));
+    Py_XSETREF(ffg_fast.fallback, Py_NewRef(fallback));
+    Py_XSETREF(ffg_fast.faults_globals, Py_NewRef(faults_globals));
+    Py_XSETREF(ffg_fast.after_fault, Py_NewRef(after_fault));
+    return 0;
+}
+
+/* Whether faults.from_record itself must make this fault's exception: a SIGSEGV while
+ * shield mode's classifier is installed (it may be a ProtectionKeyViolation). 1, 0, or
+ * -1 with an exception set. */
+static int ffg_needs_from_record(const struct ffg_fault *r)
+{
+    if (r->signo != SIGSEGV)
+        return 0;
+    PyObject *hook = PyDict_GetItemWithError(ffg_fast.faults_globals, ffg_fast.key_shield); /* borrowed */
+    if (!hook)
+        return PyErr_Occurred() ? -1 : 0;
+    return hook != Py_None;
+}
+
+/* faults.from_record in C: cls.__new__(cls) (BaseException's: no __init__ runs), then
+ * _raw, _values, _call in the instance's __dict__ (plain attributes of ForeignFault,
+ * no descriptors: the same as setting them), then the policy step. New reference. */
+static PyObject *ffg_fast_exception(const struct ffg_fault *r, PyObject *record, PyObject *name,
+                                    PyObject *call_args, PyObject *kwnames, PyObject *policy)
+{
+    PyObject *cls = NULL;
+    if (r->signo == SIGSEGV && r->stack_overflow) {
+        cls = ffg_fast.stack_overflow;
+    } else {
+        PyObject *signo = PyLong_FromLong(r->signo);
+        if (!signo)
+            return NULL;
+        cls = PyDict_GetItemWithError(ffg_fast.classes, signo); /* borrowed; the dict is ours */
+        Py_DECREF(signo);
+        if (!cls && PyErr_Occurred())
+            return NULL;
+        if (!cls)
+            cls = ffg_fast.fallback;
+    }
+    PyTypeObject *type = (PyTypeObject *)cls;
+    PyObject *exc = type->tp_new(type, ffg_fast.empty, NULL);
+    if (!exc)
+        return NULL;
+    PyObject *dict = PyObject_GenericGetDict(exc, NULL);
+    PyObject *values = PyDict_New();
+    PyObject *call = PyTuple_Pack(2, call_args, kwnames ? kwnames : Py_None);
+    int ok = dict && values && call && PyDict_SetItem(values, ffg_fast.key_function, name) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_raw, record) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_values, values) == 0 &&
+             PyDict_SetItem(dict, ffg_fast.key_call, call) == 0;
+    Py_XDECREF(dict);
+    Py_XDECREF(values);
+    Py_XDECREF(call);
+    if (!ok) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    PyObject *frames = PyTuple_GET_ITEM(record, REC_FRAMES_INDEX);
+    PyObject *result = PyObject_CallFunctionObjArgs(ffg_fast.after_fault, exc, frames, policy, NULL);
+    Py_DECREF(exc);
+    return result;
+}
 const char *const ffg_access_names[] = {NULL, "read", "write", "execute"};
 
 
@@ -37,7 +154,61 @@ static struct ffg_thread *ffg_thread_state(void)
 }
 
 
-/* The fault record as a tuple, cheap to make (the fault path is measured): (signal,
+/* The str for a C string that names something loaded (a library path, a symbol, an
+ * access kind), from a small cache: a fault loop hits the same few names, and making
+ * each str anew (decoding, hashing) was a measurable part of the fault path. An entry
+ * is found by the C string's address and checked by its content (the address of a
+ * name of an unloaded library may be reused for another). Normal context only; the
+ * mutex makes it safe without the GIL (free-threaded builds). New reference, or NULL
+ * with an exception set. */
+#define FFG_STR_CACHE 16
+
+static struct {
+    const char *key;
+    PyObject *bytes; /* the C string as it was: what a lookup compares */
+    PyObject *str;   /* owned by the cache */
+} ffg_str_cache[FFG_STR_CACHE];
+static unsigned ffg_str_cache_next;
+static pthread_mutex_t ffg_str_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t ffg_str_cache_once = PTHREAD_ONCE_INIT;
+
+/* A fork while another thread held the lock would leave it held in the child. */
+static void ffg_str_cache_after_fork(void) { pthread_mutex_init(&ffg_str_cache_lock, NULL); }
+
+static void ffg_str_cache_init(void) { pthread_atfork(NULL, NULL, ffg_str_cache_after_fork); }
+
+static PyObject *ffg_cached_str(const char *s)
+{
+    PyObject *found = NULL;
+    pthread_once(&ffg_str_cache_once, ffg_str_cache_init);
+    pthread_mutex_lock(&ffg_str_cache_lock);
+    for (int i = 0; i < FFG_STR_CACHE && !found; i++) {
+        if (ffg_str_cache[i].key == s && strcmp(PyBytes_AS_STRING(ffg_str_cache[i].bytes), s) == 0)
+            found = Py_NewRef(ffg_str_cache[i].str);
+    }
+    pthread_mutex_unlock(&ffg_str_cache_lock);
+    if (found)
+        return found;
+    PyObject *str = PyUnicode_DecodeFSDefault(s); /* as os.fsdecode: any bytes */
+    PyObject *bytes = str ? PyBytes_FromString(s) : NULL;
+    if (!bytes) {
+        Py_XDECREF(str);
+        return NULL;
+    }
+    pthread_mutex_lock(&ffg_str_cache_lock);
+    unsigned slot = ffg_str_cache_next++ % FFG_STR_CACHE;
+    PyObject *old_str = ffg_str_cache[slot].str, *old_bytes = ffg_str_cache[slot].bytes;
+    ffg_str_cache[slot].key = s;
+    ffg_str_cache[slot].bytes = bytes;
+    ffg_str_cache[slot].str = Py_NewRef(str);
+    pthread_mutex_unlock(&ffg_str_cache_lock);
+    Py_XDECREF(old_str); /* outside the lock: nothing runs under it but the copying */
+    Py_XDECREF(old_bytes);
+    return str;
+}
+
+/* The fault record as a tuple, cheap to make (the fault path is measured: built item
+ * by item, no format string to parse): (signal,
  * code, address or None, pc, sp, access or None, stack_overflow, frames as native
  * uint64 bytes, registers as native uint64 bytes, ffg_describe(pc)); faults.py names
  * these positions (REC_*), the only place that reads them.
@@ -45,19 +216,33 @@ static struct ffg_thread *ffg_thread_state(void)
  * Where pc is gets looked up now: the library could be unloaded before anyone asks. */
 static PyObject *ffg_fault_as_tuple(const struct ffg_fault *r)
 {
-    PyObject *address = r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None);
-    if (!address)
+    enum { REC_FIELDS = REC_FIELD_COUNT };
+    PyObject *t = PyTuple_New(REC_FIELDS);
+    if (!t)
         return NULL;
-    PyObject *where = ffg_describe(r->pc);
-    if (!where) {
-        Py_DECREF(address);
-        return NULL;
+    const char *access = ffg_access_names[r->access];
+    int npcs = r->npcs;
+    PyObject *items[REC_FIELDS] = {
+        PyLong_FromLong(r->signo),
+        PyLong_FromLong(r->code),
+        r->has_address ? PyLong_FromUnsignedLongLong(r->address) : Py_NewRef(Py_None),
+        PyLong_FromUnsignedLongLong(r->pc),
+        PyLong_FromUnsignedLongLong(r->sp),
+        access ? ffg_cached_str(access) : Py_NewRef(Py_None),
+        Py_NewRef(r->stack_overflow ? Py_True : Py_False),
+        PyBytes_FromStringAndSize((const char *)r->pcs, (Py_ssize_t)(npcs * sizeof r->pcs[0])),
+        PyBytes_FromStringAndSize((const char *)r->regs, (Py_ssize_t)sizeof r->regs),
+        ffg_describe(r->pc),
+    };
+    int ok = 1;
+    for (int i = 0; i < REC_FIELDS; i++) {
+        if (!items[i])
+            ok = 0;
+        PyTuple_SET_ITEM(t, i, items[i] ? items[i] : Py_NewRef(Py_None));
     }
-    return Py_BuildValue("(iiNKKzOy#y#N)", r->signo, r->code, address, (unsigned long long)r->pc,
-                         (unsigned long long)r->sp,
-                         ffg_access_names[r->access], r->stack_overflow ? Py_True : Py_False,
-                         (const char *)r->pcs, (Py_ssize_t)(r->npcs * sizeof r->pcs[0]),
-                         (const char *)r->regs, (Py_ssize_t)sizeof r->regs, where);
+    if (!ok)
+        Py_CLEAR(t); /* an exception is set */
+    return t;
 }
 
 /* The pending fault of the call with this token, or NULL. Only looked at when some
@@ -95,10 +280,15 @@ static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, st
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_args); i++)
             PyTuple_SET_ITEM(call_args, i, Py_NewRef(args[i]));
     PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
-    PyObject *exc = record && call_args && ffg_fault_factory
-                        ? PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
-                                                       kwnames ? kwnames : Py_None, policy, NULL)
-                        : NULL;
+    PyObject *exc = NULL;
+    int slow = record && call_args && ffg_fast.after_fault ? ffg_needs_from_record(&copy) : 1;
+    if (slow < 0)
+        ; /* the exception from the lookup stands */
+    else if (!slow)
+        exc = ffg_fast_exception(&copy, record, self->name, call_args, kwnames, policy);
+    else if (record && call_args && ffg_fault_factory)
+        exc = PyObject_CallFunctionObjArgs(ffg_fault_factory, record, self->name, call_args,
+                                           kwnames ? kwnames : Py_None, policy, NULL);
     Py_XDECREF(record);
     Py_XDECREF(call_args);
     if (!exc && !PyErr_Occurred())
@@ -453,7 +643,28 @@ PyObject *ffg_describe(uintptr_t pc)
         info.dli_sname = NULL;
         start = 0;
     }
-    return Py_BuildValue("(sKzK)", info.dli_fname, (unsigned long long)(uintptr_t)info.dli_fbase,
-                         info.dli_sname, (unsigned long long)start);
+    PyObject *path = ffg_cached_str(info.dli_fname);
+    PyObject *symbol = info.dli_sname ? ffg_cached_str(info.dli_sname) : Py_NewRef(Py_None);
+    PyObject *base = PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)info.dli_fbase);
+    PyObject *symbol_address = PyLong_FromUnsignedLongLong((unsigned long long)start);
+    if (!path || !symbol || !base || !symbol_address) {
+        Py_XDECREF(path);
+        Py_XDECREF(symbol);
+        Py_XDECREF(base);
+        Py_XDECREF(symbol_address);
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(4);
+    if (!t) {
+        Py_DECREF(path);
+        Py_DECREF(symbol);
+        Py_DECREF(base);
+        Py_DECREF(symbol_address);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, path);
+    PyTuple_SET_ITEM(t, 1, base);
+    PyTuple_SET_ITEM(t, 2, symbol);
+    PyTuple_SET_ITEM(t, 3, symbol_address);
+    return t;
 }
-

@@ -3,10 +3,10 @@
  * EVERYTHING IN THIS FILE THAT RUNS IN A SIGNAL HANDLER IS ASYNC-SIGNAL-SAFE: no malloc,
  * no stdio, no locks, no Python API (the interpreter's thread state is only read, with
  * plain loads: pyhost.h). It reads and writes only the faulting thread's own mmap'd
- * state, the saved signal context, and atomic counters. Unwinding uses libgcc's unwinder, which with
- * glibc >= 2.35 finds unwind tables through _dl_find_object, lock-free; a fault inside
- * the unwinder itself is escaped with siglongjmp (see capture_pcs). The module is
- * linked with -z now, so no lazy symbol binding happens in here.
+ * state, the saved signal context, and atomic counters. The backtrace comes from our
+ * own unwinder (unwind.c), which takes no lock and checks its reads; a fault inside it
+ * is still escaped with siglongjmp (see capture_pcs). The module is linked with -z now,
+ * so no lazy symbol binding happens in here.
  *
  * A fault is recovered only when all of these hold: the faulting thread is inside a
  * guarded call (its guard stack has a live frame), the fault is not in the thunk
@@ -30,13 +30,13 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <unwind.h>
 
 static uint64_t ffg_recovered[FFG_NSIGNALS]; /* atomic counters */
 /* Whether the last recorded SIGSEGV/SIGBUS with an address had its access kind in the
  * saved context: always on x86-64 (page-fault error code); on AArch64 only with an ESR
  * record, which qemu-user never writes. -1 before the first such fault. */
 static int ffg_access_ctx = -1;
+static uint64_t ffg_unwind_escape_count; /* atomic: faults inside the unwinder, escaped (see capture_pcs) */
 
 static int in_thunk(uintptr_t pc)
 {
@@ -118,44 +118,38 @@ static int is_stack_overflow(const struct ffg_thread *t, const struct ffg_fault 
     return !t->stack_lo || sp < t->stack_lo + 256 * 1024 || a < t->stack_lo;
 }
 
-static _Unwind_Reason_Code unwind_step(struct _Unwind_Context *ctx, void *arg)
+/* Raw return addresses of the foreign frames, innermost first; symbolized later, in
+ * normal context. Our own unwinder (unwind.c) takes no lock and reads the stack only
+ * between the fault's sp (less the red zone) and the guard frame's sp, within the
+ * thread's stack. A read it cannot check (unwind tables of a library another thread
+ * unmaps right now) could still fault: the handler runs with SA_NODEFER, so that fault
+ * re-enters it, sees t->unwinding and jumps back here with what was collected so far
+ * (nothing is left locked: the unwinder holds no lock). */
+static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                 const ucontext_t *uc)
 {
-    struct ffg_fault *r = arg;
-    int before_insn = 0;
-    uintptr_t ip = (uintptr_t)_Unwind_GetIPInfo(ctx, &before_insn);
-    if (r->npcs == 0) {
-        /* Skip this handler's own frames: the faulting frame is the one the signal
-         * frame resumes, at exactly the saved pc. */
-        if (!(before_insn && ip == r->pc))
-            return _URC_NO_REASON;
+    uintptr_t lo = r->sp - FFG_RED_ZONE, hi = f->sp;
+    if (lo > r->sp)
+        lo = 0; /* sp within the red zone of address 0: nothing to read anyway */
+    if (t->stack_hi) {
+        lo = lo > t->stack_lo ? lo : t->stack_lo;
+        hi = hi < t->stack_hi ? hi : t->stack_hi;
     }
-    if (in_thunk(ip)) /* the foreign call's caller: the end of the foreign frames */
-        return _URC_END_OF_STACK;
-    r->pcs[r->npcs++] = ip;
-    return r->npcs < FFG_MAX_PCS ? _URC_NO_REASON : _URC_END_OF_STACK;
+    ffg_unwind(uc, lo, hi, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
 }
 
-/* Raw return addresses of the foreign frames, innermost first; symbolized later, in
- * normal context. A corrupt stack can make the unwinder itself fault: the handler
- * runs with SA_NODEFER, so that fault re-enters it, sees t->unwinding and jumps back
- * here with what was collected so far. */
-static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r, const ucontext_t *uc)
+static void capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                        const ucontext_t *uc)
 {
     r->npcs = 0;
     t->unwinding = 1;
     if (sigsetjmp(t->unwind_escape, 0) == 0)
-        _Unwind_Backtrace(unwind_step, r);
+        ffg_walk(t, f, r, uc);
+    else
+        __atomic_fetch_add(&ffg_unwind_escape_count, 1, __ATOMIC_RELAXED);
     t->unwinding = 0;
     if (r->npcs == 0)
-        r->pcs[r->npcs++] = r->pc; /* no unwind info at all for the pc */
-    if (r->npcs == 1 && r->access == FFG_ACCESS_EXEC) {
-        /* A call to a bad address (e.g. through NULL): the unwinder knows nothing of
-         * the pc, but the call left its return address where the architecture keeps it
-         * (x86-64: on top of the stack; AArch64: in x30). */
-        uintptr_t ret = ffg_uc_call_return(uc, t->stack_lo, t->stack_hi);
-        if (ret)
-            r->pcs[r->npcs++] = ret;
-    }
+        r->pcs[r->npcs++] = r->pc;
 }
 
 /* Under AddressSanitizer, the frames a recovery skips leave their stack red zones
@@ -164,10 +158,19 @@ static void capture_pcs(struct ffg_thread *t, struct ffg_fault *r, const ucontex
  * in normal builds. Clearing shadow memory is a plain store: safe here. */
 extern void __asan_unpoison_memory_region(void const volatile *addr, size_t size) __attribute__((weak));
 
+#define FFG_UNPOISON_MAX ((uintptr_t)1 << 30) /* no thread stack is larger: beyond, sp was wild */
+
 static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
 {
+    const struct ffg_thread *t = ffg_tls;
     uintptr_t lo = fault_sp - FFG_RED_ZONE; /* a leaf function may use memory below sp */
-    if (__asan_unpoison_memory_region && lo < frame_sp)
+    if (lo > fault_sp)
+        lo = 0;
+    /* A wild sp (foreign code that corrupted it) must not make us clear the shadow of
+     * terabytes: only the thread's own stack holds skipped frames. */
+    if (t && t->stack_hi && lo < t->stack_lo)
+        lo = t->stack_lo;
+    if (__asan_unpoison_memory_region && lo < frame_sp && frame_sp - lo <= FFG_UNPOISON_MAX)
         __asan_unpoison_memory_region((void *)lo, frame_sp - lo);
 }
 
@@ -189,7 +192,7 @@ static void ffg_record(struct ffg_thread *t, struct ffg_fault *r, const struct f
     }
     ffg_uc_regs(uc, r->regs);
     r->stack_overflow = is_stack_overflow(t, r);
-    capture_pcs(t, r, uc);
+    capture_pcs(t, f, r, uc);
     __atomic_fetch_add(&ffg_recovered[signo], 1, __ATOMIC_RELAXED);
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
     __atomic_fetch_add(&t->npending, 1, __ATOMIC_RELEASE);
@@ -241,5 +244,7 @@ uint64_t ffg_recovered_count(int signo)
         total += __atomic_load_n(&ffg_recovered[s], __ATOMIC_RELAXED);
     return total;
 }
+
+uint64_t ffg_unwind_escapes(void) { return __atomic_load_n(&ffg_unwind_escape_count, __ATOMIC_RELAXED); }
 
 int ffg_access_in_context(void) { return __atomic_load_n(&ffg_access_ctx, __ATOMIC_RELAXED); }

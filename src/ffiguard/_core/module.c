@@ -5,7 +5,6 @@
 
 #include <errno.h>
 #include <stddef.h>
-#include <unwind.h>
 
 static const char *const ffg_register_names[FFG_NREGS] = {FFG_REG_NAMES};
 
@@ -201,6 +200,28 @@ static PyObject *ffg_m_dladdr(PyObject *mod, PyObject *arg)
     return ffg_describe(pc);
 }
 
+static PyObject *ffg_m_unwind_available(PyObject *mod, PyObject *noargs)
+{
+    (void)mod, (void)noargs;
+    return PyBool_FromLong(ffg_unwind_available());
+}
+
+static PyObject *ffg_m_unwind_escapes(PyObject *mod, PyObject *noargs)
+{
+    (void)mod, (void)noargs;
+    return PyLong_FromUnsignedLongLong(ffg_unwind_escapes());
+}
+
+static PyObject *ffg_m_set_unwind_available(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    ffg_unwind_set_available(on);
+    Py_RETURN_NONE;
+}
+
 /* ffiguard's Python layer sets its exception factory in the core, which is one per
  * process: a sub-interpreter importing ffiguard would replace the main interpreter's
  * with one of its own objects (and leave it dangling when it is destroyed). */
@@ -219,6 +240,20 @@ static PyObject *ffg_m_set_fault_factory(PyObject *mod, PyObject *arg)
     if (ffg_refuse_subinterpreter() < 0)
         return NULL;
     Py_XSETREF(ffg_fault_factory, Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *ffg_m_set_fault_types(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *classes, *stack_overflow, *fallback, *after_fault, *faults_globals;
+    if (ffg_refuse_subinterpreter() < 0)
+        return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO:set_fault_types", &classes, &stack_overflow, &fallback, &after_fault,
+                          &faults_globals))
+        return NULL;
+    if (ffg_set_fault_types(classes, stack_overflow, fallback, after_fault, faults_globals) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -280,7 +315,17 @@ static PyMethodDef ffg_methods[] = {
     {"after_faulthandler", ffg_m_after_faulthandler, METH_VARARGS,
      "after_faulthandler(handlers_before, enabled): follow faulthandler.enable()/disable()"},
     {"dladdr", ffg_m_dladdr, METH_O, "dladdr(pc) -> (path, base, symbol, symbol_address) or None"},
+    {"unwind_available", ffg_m_unwind_available, METH_NOARGS,
+     "whether fault backtraces go beyond the pc (glibc >= 2.35: _dl_find_object)"},
+    {"unwind_escapes", ffg_m_unwind_escapes, METH_NOARGS,
+     "faults inside the backtrace unwinder so far, escaped with what was collected (none expected)"},
+    {"_set_unwind_available", ffg_m_set_unwind_available, METH_O,
+     "_set_unwind_available(flag): tests only; False behaves as without _dl_find_object"},
     {"set_fault_factory", ffg_m_set_fault_factory, METH_O, "set the record -> exception callable"},
+    {"set_fault_types", ffg_m_set_fault_types, METH_VARARGS,
+     "set_fault_types(classes by signal number, stack overflow class, fallback class, after_fault, "
+     "faults' globals): the exception is then made in C, as faults.from_record would (from_record "
+     "itself for a SIGSEGV while globals['shield_classify'] is set)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -288,13 +333,6 @@ static struct PyModuleDef ffg_module = {
     PyModuleDef_HEAD_INIT, "ffiguard._core", "ffiguard's C core: stubs, thunk, fault handlers.",
     -1, ffg_methods, NULL, NULL, NULL, NULL,
 };
-
-static _Unwind_Reason_Code ffg_count_frame(struct _Unwind_Context *ctx, void *arg)
-{
-    (void)ctx;
-    ++*(int *)arg;
-    return _URC_NO_REASON;
-}
 
 static PyObject *ffg_register_tuple(void)
 {
@@ -317,9 +355,6 @@ PyMODINIT_FUNC PyInit__core(void)
     ffg_quarantine_error = Py_NewRef(PyExc_RuntimeError); /* until ffiguard sets its own */
     if (ffg_state_init() != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    /* Load and warm libgcc's unwinder now, not first inside a signal handler. */
-    int depth = 0;
-    _Unwind_Backtrace(ffg_count_frame, &depth);
 
     PyObject *m = PyModule_Create(&ffg_module);
     if (!m)

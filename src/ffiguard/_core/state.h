@@ -8,7 +8,8 @@
  * Each arch/<arch>.h provides: struct ffg_frame and its F_* offsets, FRAME_SIZE,
  * FFG_ARCH_NAME, FFG_NREGS and FFG_REG_NAMES, FFG_RED_ZONE, FFG_STUB_SIZE and
  * ffg_write_stub (the only machine code written from C), and the signal-context
- * accessors ffg_uc_pc/sp/regs/access/call_return/recover (async-signal-safe).
+ * accessors ffg_uc_pc/sp/regs/access/recover, and the unwinder's register numbering and
+ * ffg_unw_* rules (async-signal-safe).
  *
  * Arming names the target, not just "the next stub": between arming and the foreign
  * call, ctypes converts the arguments, which can run Python code that calls some other
@@ -23,6 +24,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <ucontext.h>
+
+/* For the unwinder's reads of other frames' stack slots (checked against the stack's
+ * bounds by the caller, not by AddressSanitizer). */
+#define FFG_UNCHECKED_READ __attribute__((no_sanitize("address")))
 
 /* Where the interpreter stood when a guarded call was armed: the thread state, its
  * innermost Python frame and its recursion counters (pyhost.h). A fault belongs to the
@@ -66,7 +71,7 @@ struct ffg_fault {
     uintptr_t pc;
     uintptr_t sp;
     uint64_t regs[FFG_NREGS];
-    int npcs;
+    volatile int npcs; /* written as the unwinder goes (see ffg_unwind) */
     uintptr_t pcs[FFG_MAX_PCS];
 };
 
@@ -106,6 +111,17 @@ int ffg_note_mask(void); /* normal context: the calling thread's mask is now its
 void ffg_on_signal(int signo, siginfo_t *si, void *context);
 uint64_t ffg_recovered_count(int signo); /* signo 0: all */
 int ffg_access_in_context(void);         /* -1 no fault yet, 0/1: see handler.c */
+uint64_t ffg_unwind_escapes(void);       /* faults inside the unwinder, escaped: see capture_pcs */
+
+/* unwind.c: the native backtrace, for the handler (async-signal-safe, lock-free).
+ * Writes pcs[0] = the fault's pc, then the return addresses of the foreign frames,
+ * innermost first, up to max, keeping *npcs current (a fault while unwinding leaves a
+ * valid prefix). Stack reads stay inside [lo, hi); bad_call: pc may be a call's bad
+ * target (an instruction fetch fault). */
+void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
+                volatile int *npcs);
+int ffg_unwind_available(void);          /* glibc has _dl_find_object: frames beyond pc */
+void ffg_unwind_set_available(int on);   /* for the tests: as without _dl_find_object */
 
 /* chain.c: the previous handlers, and installing ours (docs/design.md, "Living with
  * other handlers"). ffg_chain and ffg_chain_busy run in the signal handler. */

@@ -9,6 +9,7 @@
 #include <Python.h>
 
 #include <assert.h>
+#include <setjmp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -231,12 +232,90 @@ EXPORT struct ffg_big ffg_make_big(long base)
     return b;
 }
 
-/* ---- the extension module itself (nothing to call from Python) --------------- */
+/* ---- the benchmark's baseline: a bare sigsetjmp/siglongjmp fault -> exception --------
+ * What a minimal setjmp-based guard costs (cysignals' sig_on/sig_off without its extras):
+ * sigsetjmp(env, 0), a NULL read, a SIGSEGV handler that siglongjmps back, then a Python
+ * exception. No address, no registers, no backtrace. The handler is installed only
+ * around the benchmark's timed loop (baseline_install / baseline_restore), so ffiguard's
+ * stays in place for everything else. Single-threaded use only. */
+
+static sigjmp_buf ffg_baseline_env;
+static struct sigaction ffg_baseline_saved;
+static PyObject *ffg_baseline_error;
+
+static void baseline_handler(int signo, siginfo_t *si, void *context)
+{
+    (void)si, (void)context;
+    siglongjmp(ffg_baseline_env, signo); /* async-signal-safe: the jump is all it does */
+}
+
+static PyObject *baseline_install(PyObject *module, PyObject *noargs)
+{
+    (void)module, (void)noargs;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = baseline_handler;
+    /* SA_NODEFER: the jump leaves the handler without sigreturn, so SIGSEGV must not be
+     * blocked while it runs (sigsetjmp(env, 0) does not save or restore the mask). */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &ffg_baseline_saved) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *baseline_restore(PyObject *module, PyObject *noargs)
+{
+    (void)module, (void)noargs;
+    if (sigaction(SIGSEGV, &ffg_baseline_saved, NULL) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *baseline_read_null(PyObject *module, PyObject *noargs)
+{
+    (void)module, (void)noargs;
+    if (sigsetjmp(ffg_baseline_env, 0) == 0) {
+        ffg_read_null();
+        Py_RETURN_NONE;
+    }
+    PyErr_SetString(ffg_baseline_error, "Segmentation fault");
+    return NULL;
+}
+
+static PyMethodDef crashers_methods[] = {
+    {"baseline_install", baseline_install, METH_NOARGS,
+     "install the baseline's SIGSEGV handler (a bare siglongjmp), saving the current one"},
+    {"baseline_restore", baseline_restore, METH_NOARGS, "put back the SIGSEGV handler saved by baseline_install"},
+    {"baseline_read_null", baseline_read_null, METH_NOARGS,
+     "sigsetjmp, read NULL, siglongjmp back from the handler, raise BaselineFault (needs baseline_install)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* ---- the extension module itself ------------------------------------------------- */
 
 static struct PyModuleDef crashers_module = {
     PyModuleDef_HEAD_INIT, "ffiguard._crashers",
-    "Deliberate faults for ffiguard's demo and tests: load with ctypes.CDLL(__file__).",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    "Deliberate faults for ffiguard's demo and tests: load with ctypes.CDLL(__file__).\n"
+    "Its Python functions are the benchmark's bare sigsetjmp/siglongjmp baseline.",
+    -1, crashers_methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__crashers(void) { return PyModule_Create(&crashers_module); }
+PyMODINIT_FUNC PyInit__crashers(void)
+{
+    PyObject *m = PyModule_Create(&crashers_module);
+    if (!m)
+        return NULL;
+    ffg_baseline_error = PyErr_NewException("ffiguard._crashers.BaselineFault", NULL, NULL);
+    if (!ffg_baseline_error) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(ffg_baseline_error); /* the module keeps one reference, this file the other */
+    if (PyModule_AddObject(m, "BaselineFault", ffg_baseline_error) < 0) {
+        Py_DECREF(ffg_baseline_error);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

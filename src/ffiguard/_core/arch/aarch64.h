@@ -189,14 +189,39 @@ static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, p
            m->regs[2] == (uint64_t)signo;
 }
 
-/* For a call to a bad address (e.g. through NULL), where the unwinder knows nothing of
- * the pc: the caller's return address. BLR left it in x30 (unless x30 is the bad pc
- * itself: a RET to garbage). */
-static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t stack_lo, uintptr_t stack_hi)
+/* ---- unwinding (unwind.c), in the signal handler: async-signal-safe -----------------
+ * DWARF register numbers (AADWARF64): 0-30 x0-x30 (x30 is the return address column),
+ * 31 sp; the vector registers (64-95) are not needed for the walk. */
+#define FFG_UNW_NREGS 32
+#define FFG_UNW_SP 31
+#define FFG_UNW_LR 30
+
+static inline void ffg_unw_regs_from_uc(const ucontext_t *uc, uintptr_t *r)
 {
-    (void)stack_lo, (void)stack_hi;
-    uintptr_t lr = (uintptr_t)uc->uc_mcontext.regs[30];
-    return lr != ffg_uc_pc(uc) ? lr : 0;
+    for (int i = 0; i < FFG_UNW_SP; i++)
+        r[i] = (uintptr_t)uc->uc_mcontext.regs[i];
+    r[FFG_UNW_SP] = (uintptr_t)uc->uc_mcontext.sp;
+}
+
+/* A return address signed with PACIASP/PACIBSP (the CFA program says so with
+ * DW_CFA_AARCH64_negate_ra_state) carries its signature in the top bits: XPACLRI
+ * strips it. XPACLRI is a hint (a NOP without PAC), and on an unsigned address it
+ * changes nothing, so every return address goes through it. */
+static inline uintptr_t ffg_unw_strip_ra(uintptr_t ra)
+{
+    register uintptr_t lr __asm__("x30") = ra;
+    __asm__("hint 7" : "+r"(lr)); /* xpaclri */
+    return lr;
+}
+
+/* A call to a bad address (e.g. through NULL), where nothing describes pc: BLR left
+ * the caller's return address in x30 (unless x30 is the bad pc itself: a RET to
+ * garbage), and sp is the caller's. */
+static inline int ffg_unw_bad_call(uintptr_t *r, uintptr_t pc, uintptr_t lo, uintptr_t hi, uintptr_t *ret)
+{
+    (void)lo, (void)hi;
+    *ret = ffg_unw_strip_ra(r[FFG_UNW_LR]);
+    return *ret != pc && *ret != 0;
 }
 
 /* Make sigreturn resume at the thunk's recovery path (ffg_thunk_recover) as if the

@@ -31,11 +31,6 @@ static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *fr
     *from_context = 0;
     return 0;
 }
-static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t lo, uintptr_t hi)
-{
-    (void)uc, (void)lo, (void)hi;
-    return 0;
-}
 static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, pid_t tid, size_t page)
 {
     (void)uc, (void)signo, (void)pid, (void)tid, (void)page;

@@ -126,15 +126,39 @@ static inline int ffg_uc_self_sent(const ucontext_t *uc, int signo, pid_t pid, p
            g[REG_RDX] == signo;
 }
 
-/* For a call to a bad address (e.g. through NULL), where the unwinder knows nothing of
- * the pc: the caller's return address, which the call just pushed on top of the stack
- * (read only when sp is inside this thread's stack). */
-static inline uintptr_t ffg_uc_call_return(const ucontext_t *uc, uintptr_t stack_lo, uintptr_t stack_hi)
+/* ---- unwinding (unwind.c), in the signal handler: async-signal-safe -----------------
+ * DWARF register numbers (System V psABI): 0 rax, 1 rdx, 2 rcx, 3 rbx, 4 rsi, 5 rdi,
+ * 6 rbp, 7 rsp, 8-15 r8-r15, 16 the return address column (rip). */
+#define FFG_UNW_NREGS 17
+#define FFG_UNW_SP 7
+#define FFG_UNW_RA 16
+
+static inline void ffg_unw_regs_from_uc(const ucontext_t *uc, uintptr_t *r)
 {
-    uintptr_t sp = ffg_uc_sp(uc);
-    if (sp < stack_lo || sp + sizeof(uintptr_t) > stack_hi || (sp & 7))
+    static const int from[FFG_UNW_NREGS] = {REG_RAX, REG_RDX, REG_RCX, REG_RBX, REG_RSI, REG_RDI,
+                                            REG_RBP, REG_RSP, REG_R8,  REG_R9,  REG_R10, REG_R11,
+                                            REG_R12, REG_R13, REG_R14, REG_R15, REG_RIP};
+    for (int i = 0; i < FFG_UNW_NREGS; i++)
+        r[i] = (uintptr_t)uc->uc_mcontext.gregs[from[i]];
+}
+
+/* Return addresses are plain addresses here. */
+static inline uintptr_t ffg_unw_strip_ra(uintptr_t ra) { return ra; }
+
+/* A call to a bad address (e.g. through NULL), where nothing describes pc: the call
+ * pushed the caller's return address on top of the stack. The caller's frame: that
+ * address, rsp above it. 0 when rsp is outside [lo, hi). */
+FFG_UNCHECKED_READ static inline int ffg_unw_bad_call(uintptr_t *r, uintptr_t pc, uintptr_t lo, uintptr_t hi,
+                                                     uintptr_t *ret)
+{
+    uintptr_t sp = r[FFG_UNW_SP];
+    (void)pc;
+    if (sp < lo || sp > hi || hi - sp < sizeof(uintptr_t) || (sp % sizeof(uintptr_t)))
         return 0;
-    return *(const uintptr_t *)sp;
+    *ret = *(const volatile uintptr_t *)sp;
+    r[FFG_UNW_SP] = sp + sizeof(uintptr_t);
+    r[FFG_UNW_RA] = *ret;
+    return *ret != 0;
 }
 
 /* Make sigreturn resume at the thunk's return path as if the foreign function had
