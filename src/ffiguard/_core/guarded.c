@@ -31,6 +31,7 @@ static struct {
     PyObject *faults_globals; /* ffiguard.faults' namespace: shield_classify lives there */
     PyObject *key_shield;     /* "shield_classify": set, SIGSEGVs go to from_record */
     PyObject *key_raw, *key_values, *key_call, *key_function; /* interned attribute names */
+    PyObject *key_default, *key_pending, *key_pending_max;   /* policy.py's globals */
     PyObject *empty; /* () */
 } ffg_fast;
 
@@ -58,9 +59,13 @@ int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *f
         ffg_fast.key_call = PyUnicode_InternFromString("_call");
         ffg_fast.key_function = PyUnicode_InternFromString("function");
         ffg_fast.key_shield = PyUnicode_InternFromString("shield_classify");
+        ffg_fast.key_default = PyUnicode_InternFromString("_default");
+        ffg_fast.key_pending = PyUnicode_InternFromString("_pending");
+        ffg_fast.key_pending_max = PyUnicode_InternFromString("_PENDING_MAX");
         ffg_fast.empty = PyTuple_New(0);
         if (!ffg_fast.key_raw || !ffg_fast.key_values || !ffg_fast.key_call || !ffg_fast.key_function ||
-            !ffg_fast.key_shield || !ffg_fast.empty)
+            !ffg_fast.key_shield || !ffg_fast.key_default || !ffg_fast.key_pending ||
+            !ffg_fast.key_pending_max || !ffg_fast.empty)
             return -1;
     }
     Py_XSETREF(ffg_fast.classes, PyDict_Copy(classes));
@@ -84,6 +89,31 @@ static int ffg_needs_from_record(const struct ffg_fault *r)
     if (!hook)
         return PyErr_Occurred() ? -1 : 0;
     return hook != Py_None;
+}
+
+/* policy.after_fault's common case in C: the policy is "raise" (the library's on_fault,
+ * else the module's _default) and the suspect queue (_pending) has room: queue the raw
+ * frames, and the exception is raised as it is. 1 done, 0 not this case (call
+ * after_fault), -1 with an exception set. Reads policy.py's own globals, so the two
+ * cannot disagree. */
+static int ffg_fast_after_fault(PyObject *frames, PyObject *policy)
+{
+    PyObject *globals = PyFunction_Check(ffg_fast.after_fault) ? PyFunction_GetGlobals(ffg_fast.after_fault)
+                                                               : NULL; /* borrowed */
+    if (!globals)
+        return 0;
+    PyObject *mode = policy != Py_None ? ((ffg_Policy *)policy)->on_fault : Py_None;
+    if (mode == Py_None && !(mode = PyDict_GetItemWithError(globals, ffg_fast.key_default)))
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyUnicode_Check(mode) || PyUnicode_CompareWithASCIIString(mode, "raise") != 0)
+        return 0;
+    PyObject *pending = PyDict_GetItemWithError(globals, ffg_fast.key_pending);
+    PyObject *limit = pending ? PyDict_GetItemWithError(globals, ffg_fast.key_pending_max) : NULL;
+    if (!limit)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyList_CheckExact(pending) || !PyLong_Check(limit) || PyList_GET_SIZE(pending) >= PyLong_AsSsize_t(limit))
+        return PyErr_Occurred() ? -1 : 0;
+    return PyList_Append(pending, frames) < 0 ? -1 : 1;
 }
 
 /* faults.from_record in C: cls.__new__(cls) (BaseException's: no __init__ runs), then
@@ -125,6 +155,13 @@ static PyObject *ffg_fast_exception(const struct ffg_fault *r, PyObject *record,
         return NULL;
     }
     PyObject *frames = PyTuple_GET_ITEM(record, REC_FRAMES_INDEX);
+    int done = ffg_fast_after_fault(frames, policy);
+    if (done < 0) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    if (done)
+        return exc;
     PyObject *result = PyObject_CallFunctionObjArgs(ffg_fast.after_fault, exc, frames, policy, NULL);
     Py_DECREF(exc);
     return result;
