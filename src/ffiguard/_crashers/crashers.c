@@ -178,4 +178,14 @@ static struct PyModuleDef crashers_module = {
     -1, NULL, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__crashers(void) { return PyModule_Create(&crashers_module); }
+PyMODINIT_FUNC PyInit__crashers(void)
+{
+    PyObject *m = PyModule_Create(&crashers_module);
+#ifdef Py_GIL_DISABLED
+    /* Loaded through ctypes, not imported, by ffiguard; if someone imports it, it has
+     * no state at all: it needs no GIL on a free-threaded interpreter. */
+    if (m && PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0)
+        Py_CLEAR(m);
+#endif
+    return m;
+}
