@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -204,6 +205,21 @@ def map_base(path):
 
 def same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+# cffi refuses free-threaded CPython 3.13 (it supports free-threading from 3.14 on), and
+# the test extra does not install it there (setup.py): its tests are skipped, saying so.
+CFFI_UNSUPPORTED = (
+    "cffi does not support free-threaded CPython %d.%d (from 3.14t on it does)" % sys.version_info[:2]
+    if sysconfig.get_config_var("Py_GIL_DISABLED") and sys.version_info < (3, 14) else None)
+
+
+def import_cffi():
+    """cffi for a test, or skip with the reason: unsupported on this interpreter, or not
+    installed (it is an optional dependency, in the test extra)."""
+    if CFFI_UNSUPPORTED:
+        pytest.skip(CFFI_UNSUPPORTED, allow_module_level=True)
+    return pytest.importorskip("cffi", reason="cffi is not installed (pip install '.[test]')")
 
 
 def _clean_env():

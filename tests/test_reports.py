@@ -193,7 +193,7 @@ def test_fault_path_does_not_import_the_symbolizer(run_python):
         print("ffiguard.symbolize" in sys.modules)
     """)
     assert rc == 0, err
-    # ffiguard.report is imported by ffiguard (the 3.9/3.10 hook) but not the symbolizer
+    # ffiguard.report is imported by ffiguard (the 3.10 hook) but not the symbolizer
     assert out.split("\n")[:2] == ["True False True", "True"]
 
 
