@@ -207,6 +207,22 @@ def same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def stack_guard_code(address):
+    """The si_code a stack overflow hitting `address` gets, from how libc laid out the
+    thread's stack guard (read /proc/self/maps while the thread and its fault are still
+    there): a guard page that is a mapping of its own (PROT_NONE, glibc <= 2.42; the
+    main thread under qemu-user) faults as SEGV_ACCERR; a guard region installed inside
+    the stack's own mapping (glibc 2.43: madvise(MADV_GUARD_INSTALL), no mapping of its
+    own) or no mapping at all faults as SEGV_MAPERR. Either way a ForeignStackOverflow."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return "SEGV_ACCERR" if perms.startswith("---") else "SEGV_MAPERR"
+    return "SEGV_MAPERR"
+
+
 # cffi refuses free-threaded CPython 3.13 (it supports free-threading from 3.14 on), and
 # the test extra does not install it there (setup.py): its tests are skipped, saying so.
 CFFI_UNSUPPORTED = (

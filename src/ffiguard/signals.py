@@ -12,6 +12,7 @@ top afterwards, chaining to faulthandler while it is enabled.
 import faulthandler
 import functools
 import signal
+import threading
 
 from . import _core
 
@@ -19,10 +20,15 @@ ALL = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGAB
 TRAPPED = ALL  # what is trapped now: see select()
 
 _before_faulthandler = None  # our chained handlers from before faulthandler.enable()
+# select() and the faulthandler wrappers read and change TRAPPED, _before_faulthandler and
+# the installed handlers in several steps: one at a time (no GIL to rely on in
+# free-threaded builds; _core's own calls are each atomic).
+_lock = threading.RLock()
 
 
 def install():
-    _core.install([int(s) for s in TRAPPED])
+    with _lock:
+        _core.install([int(s) for s in TRAPPED])
 
 
 def _check_trappable(sig, shown):
@@ -62,11 +68,12 @@ def select(signals):
         sorted(signal.Signals(s) for s in set(signals)))
     for s in chosen:
         _check_trappable(s, s.name)
-    for s in ALL:
-        if s not in chosen:
-            _core.untrap(int(s))
-    _core.install([int(s) for s in chosen])
-    TRAPPED = chosen
+    with _lock:
+        for s in ALL:
+            if s not in chosen:
+                _core.untrap(int(s))
+        _core.install([int(s) for s in chosen])
+        TRAPPED = chosen
     return chosen
 
 
@@ -83,21 +90,23 @@ def _wrap_faulthandler():
     @functools.wraps(enable)
     def enable_then_refresh(*args, **kwargs):
         global _before_faulthandler
-        if _before_faulthandler is None:
-            _before_faulthandler = _core.previous_snapshot()
-        result = enable(*args, **kwargs)
-        _core.refresh()
+        with _lock:
+            if _before_faulthandler is None:
+                _before_faulthandler = _core.previous_snapshot()
+            result = enable(*args, **kwargs)
+            _core.refresh()
         return result
 
     @functools.wraps(disable)
     def disable_then_refresh(*args, **kwargs):
         global _before_faulthandler
-        result = disable(*args, **kwargs)
-        if _core.refresh() == 0 and _before_faulthandler is not None:
-            # faulthandler put back what it saved, which was our own handler: chain to
-            # what came before faulthandler, not to faulthandler's now idle handler.
-            _core.previous_restore(_before_faulthandler)
-        _before_faulthandler = None
+        with _lock:
+            result = disable(*args, **kwargs)
+            if _core.refresh() == 0 and _before_faulthandler is not None:
+                # faulthandler put back what it saved, which was our own handler: chain to
+                # what came before faulthandler, not to faulthandler's now idle handler.
+                _core.previous_restore(_before_faulthandler)
+            _before_faulthandler = None
         return result
 
     enable_then_refresh.__ffiguard__ = disable_then_refresh.__ffiguard__ = True
