@@ -207,7 +207,7 @@ def frame_names(pcs):
     (dladdr); for a pc inside no exported symbol, the library's own ELF tables: its
     local symbol there when it has a .symtab (``free.cold``, ``_int_free``), else the
     code between two exported functions: ``"<libc.so.6+0x...> between A and B"``
-    (``_between_name``), so that a split-off part of an allocator or stdio function
+    (``_between_names``), so that a split-off part of an allocator or stdio function
     (glibc 2.43's ``free(): invalid pointer`` comes from one, outside ``free``) is
     still recognised by the exported functions of the object it lies in."""
     names = []
