@@ -6,6 +6,7 @@ compiler); setuptools does not know that suffix, so build_ext is taught it.
 import os
 import platform
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -65,6 +66,21 @@ CRASHERS_ARCH = {"x86_64": ["src/ffiguard/_crashers/arch/probe_x86_64.S"],
                  "aarch64": ["src/ffiguard/_crashers/arch/probe_aarch64.S"],
                  "arm64": ["src/ffiguard/_crashers/arch/probe_aarch64.S"]}.get(machine, []) \
     if sys.platform.startswith("linux") else []
+# The extras (pyproject.toml declares them dynamic). pyelftools is in the test extra so
+# that every symbolizer backend is tested; cffi for the cffi guard tests; pytest-xdist
+# (pure Python, with execnet) for the pytest plugin's test under `-n 2`; greenlet for
+# guarded calls finishing out of order (C stacks switched). cffi refuses
+# free-threaded CPython 3.13 (it supports free-threading from 3.14 on), and no PEP 508
+# environment marker tells a free-threaded interpreter apart, so the extra is computed
+# here, on the interpreter being installed for: there the cffi tests skip, saying why.
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+CFFI_FREE_THREADED_SINCE = (3, 14)
+CFFI_SUPPORTED = not FREE_THREADED or sys.version_info >= CFFI_FREE_THREADED_SINCE
+SYMBOLS = ["pyelftools>=0.29"]  # optional: file:line in reports without llvm-symbolizer/addr2line
+# greenlet builds for free-threaded CPython only from 3.14 on (its tests skip, saying so).
+GREENLET_SUPPORTED = not FREE_THREADED or sys.version_info >= (3, 14)
+TEST = ["pytest>=7", "pytest-xdist>=3"] + SYMBOLS + (["cffi>=1.15"] if CFFI_SUPPORTED else []) + \
+    (["greenlet>=3.1"] if GREENLET_SUPPORTED else [])
 
 
 class BuildExt(build_ext):
@@ -113,5 +129,6 @@ setup(
             extra_compile_args=WARN + ["-g", "-O1", "-UNDEBUG", "-fno-omit-frame-pointer"] + ARCH_FLAGS,
         ),
     ],
+    extras_require={"test": TEST, "symbols": SYMBOLS},
     cmdclass={"build_ext": BuildExt},
 )

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -210,6 +211,37 @@ def map_base(path):
 
 def same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def stack_guard_code(address):
+    """The si_code a stack overflow hitting `address` gets, from how libc laid out the
+    thread's stack guard (read /proc/self/maps while the thread and its fault are still
+    there): a guard page that is a mapping of its own (PROT_NONE, glibc <= 2.42; the
+    main thread under qemu-user) faults as SEGV_ACCERR; a guard region installed inside
+    the stack's own mapping (glibc 2.43: madvise(MADV_GUARD_INSTALL), no mapping of its
+    own) or no mapping at all faults as SEGV_MAPERR. Either way a ForeignStackOverflow."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return "SEGV_ACCERR" if perms.startswith("---") else "SEGV_MAPERR"
+    return "SEGV_MAPERR"
+
+
+# cffi refuses free-threaded CPython 3.13 (it supports free-threading from 3.14 on), and
+# the test extra does not install it there (setup.py): its tests are skipped, saying so.
+CFFI_UNSUPPORTED = (
+    "cffi does not support free-threaded CPython %d.%d (from 3.14t on it does)" % sys.version_info[:2]
+    if sysconfig.get_config_var("Py_GIL_DISABLED") and sys.version_info < (3, 14) else None)
+
+
+def import_cffi():
+    """cffi for a test, or skip with the reason: unsupported on this interpreter, or not
+    installed (it is an optional dependency, in the test extra)."""
+    if CFFI_UNSUPPORTED:
+        pytest.skip(CFFI_UNSUPPORTED, allow_module_level=True)
+    return pytest.importorskip("cffi", reason="cffi is not installed (pip install '.[test]')")
 
 
 def _clean_env():

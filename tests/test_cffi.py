@@ -14,7 +14,9 @@ import threading
 
 import pytest
 
-cffi = pytest.importorskip("cffi")
+from conftest import import_cffi
+
+cffi = import_cffi()
 
 import ffiguard  # noqa: E402
 # What differs between architectures is named once, in conftest.

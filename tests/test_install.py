@@ -13,7 +13,7 @@ import pytest
 import ffiguard
 from ffiguard import everything
 
-from conftest import CRASHERS_PATH, setup_signatures
+from conftest import CRASHERS_PATH, import_cffi, setup_signatures
 
 ORIGINAL_CDLL = ctypes.CDLL
 ORIGINAL_CDLL_LOADER = ctypes.cdll
@@ -301,7 +301,7 @@ CFFI_CDEF = "int ffg_read_null(void); int ffg_add(int, int); void ffg_abort(void
 
 
 def test_cffi_dlopen_is_guarded(installed):
-    cffi = pytest.importorskip("cffi")
+    cffi = import_cffi()
     ffi = cffi.FFI()
     ffi.cdef(CFFI_CDEF)
     lib = ffi.dlopen(CRASHERS_PATH)
@@ -315,7 +315,7 @@ def test_cffi_dlopen_is_guarded(installed):
 
 
 def test_cffi_dlopen_restored_exactly():
-    cffi = pytest.importorskip("cffi")
+    cffi = import_cffi()
     original = cffi.FFI.__dict__["dlopen"]
     with ffiguard.install(on_fault="quarantine"):
         assert cffi.FFI.dlopen is not original
@@ -332,7 +332,7 @@ def test_cffi_dlopen_restored_exactly():
 
 
 def test_cffi_imported_after_install(run_python):
-    pytest.importorskip("cffi")
+    import_cffi()
     rc, out, err = run_python("""
         import ffiguard
         ffiguard.install()
@@ -357,7 +357,7 @@ def test_cffi_imported_after_install(run_python):
 
 
 def test_cffi_imported_after_uninstall_is_not_patched(run_python):
-    pytest.importorskip("cffi")
+    import_cffi()
     rc, out, err = run_python("""
         import ffiguard
         with ffiguard.install():
@@ -371,7 +371,7 @@ def test_cffi_imported_after_uninstall_is_not_patched(run_python):
 
 
 def test_cffi_ffi_methods_accept_guarded_objects(installed):
-    cffi = pytest.importorskip("cffi")
+    cffi = import_cffi()
     import weakref
     ffi = cffi.FFI()
     ffi.cdef(CFFI_CDEF)
@@ -405,7 +405,7 @@ ffi.emit_python_code(PATH)
 
 
 def test_cffi_out_of_line_abi_module_is_guarded(run_python, tmp_path):
-    pytest.importorskip("cffi")
+    import_cffi()
     module = tmp_path / "_ool_crashers.py"
     rc, out, err = run_python("PATH = %r\n" % str(module) + OUT_OF_LINE)
     assert rc == 0 and module.exists(), err
@@ -431,7 +431,7 @@ def test_cffi_out_of_line_abi_module_is_guarded(run_python, tmp_path):
 
 
 def test_cffi_out_of_line_module_with_backend_imported_before_install(run_python, tmp_path):
-    pytest.importorskip("cffi")
+    import_cffi()
     module = tmp_path / "_ool_crashers.py"
     rc, out, err = run_python("PATH = %r\n" % str(module) + OUT_OF_LINE)
     assert rc == 0, err

@@ -657,6 +657,7 @@ def burst(n):
             raise SystemExit("no fault")
 
 burst(2000)   # warm up (caches, arenas, the first stack overflow)
+ffiguard.stats()  # ... and the suspect check's per-library symbol tables (read once)
 s0 = state()
 burst(10000)
 s1 = state()
@@ -701,6 +702,7 @@ def run(n, target=body):
 
 threading.stack_size(256 * 1024)
 run(30)       # warm up glibc's thread-stack cache
+ffiguard.stats()  # and the suspect check's per-library symbol tables (read once)
 b0 = rss()
 run(300, target=lambda: None)  # the same threads without ffiguard: the baseline
 b1 = rss()

@@ -193,7 +193,7 @@ def test_fault_path_does_not_import_the_symbolizer(run_python):
         print("ffiguard.symbolize" in sys.modules)
     """)
     assert rc == 0, err
-    # ffiguard.report is imported by ffiguard (the 3.9/3.10 hook) but not the symbolizer
+    # ffiguard.report is imported by ffiguard (the 3.10 hook) but not the symbolizer
     assert out.split("\n")[:2] == ["True False True", "True"]
 
 
@@ -397,3 +397,43 @@ def test_classify_names():
         "stdio", "__vfprintf_internal")
     assert classify_names(["__fprintf_chk"]) == ("stdio", "__fprintf_chk")
     assert classify_names(["ffg_read_at", "sprintf_like", None]) == (None, None)
+
+
+def test_classify_names_outside_exported_symbols():
+    # glibc 2.43's "free(): invalid pointer" aborts from code GCC split off free (a cold
+    # part, outside the exported symbol), and the backtrace never reaches free itself:
+    # such code is named by its local symbol where the library has a .symtab, else by
+    # the exported functions around it (policy.frame_names).
+    from ffiguard.policy import classify_names
+
+    gap = "<libc.so.6+0xa0b81> between timer_settime and __default_morecore"
+    assert classify_names(["gsignal", "abort", "<libc.so.6+0x29540> between perror and vwarn",
+                           gap]) == ("heap corruption", gap)
+    assert classify_names(["raise", "abort", "__libc_message.cold", "free.cold"]) == (
+        "heap corruption", "free.cold")
+    assert classify_names(["_int_free.part.0", "__libc_free"]) == ("allocator", "_int_free.part.0")
+    stdio_gap = "<libc.so.6+0x8000> between _IO_file_write and write"
+    assert classify_names([stdio_gap]) == ("stdio", stdio_gap)
+    assert classify_names(["<libfoo.so+0x10> between foo and bar", "strlen.cold"]) == (None, None)
+
+
+def test_frame_names_outside_exported_symbols():
+    # A pc between two exported functions of libc, in none of them: named by both.
+    from ffiguard import _core, symbolize
+    from ffiguard.policy import frame_names
+
+    # libc's own free (CDLL(None).free can be the executable's: Debian's python3.14
+    # exports one)
+    free = ctypes.cast(ctypes.CDLL("libc.so.6").free, ctypes.c_void_p).value
+    path, base = _core.dladdr(free)[:2]
+    elf = symbolize._library(path).elf
+    gaps = [(start + size, nxt) for (start, size, _), (nxt, _, _) in zip(elf._syms, elf._syms[1:])
+            if start + size < nxt]
+    end, nxt = gaps[len(gaps) // 2]
+    pc = base + end - elf.load_vaddr
+    if _core.dladdr(pc) is None or _core.dladdr(pc)[2]:
+        pytest.skip("no unexported code between exported functions here")
+    (name,) = frame_names([pc])
+    before, after = elf.neighbours(end)
+    assert name == "<%s+%#x> between %s and %s" % (os.path.basename(path), end - elf.load_vaddr,
+                                                   before, after)

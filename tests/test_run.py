@@ -19,7 +19,12 @@ print("path0", sys.path[0])
 print("name", __name__, main is sys.modules[__name__])
 print("file", __file__)
 print("spec", None if __spec__ is None else (__spec__.name, __spec__.origin))
-print("package", repr(__package__), "cached", repr(__cached__), "doc", repr(__doc__))
+print("package", repr(__package__), "doc", repr(__doc__))
+# exactly the names python sets, which change between versions: 3.15 dropped __cached__,
+# 3.14 the empty __annotations__ of __main__
+print("names", sorted(k for k in globals() if k.startswith("__")))
+print("cached", repr(globals().get("__cached__", "<absent>")),
+      "annotations", repr(globals().get("__annotations__", "<absent>")))
 print("loader", type(__loader__).__name__)
 '''
 

@@ -114,6 +114,6 @@ def crashers_path():
     return _importlib_util.find_spec("ffiguard._crashers").origin
 
 
-_report.install_excepthook()  # Python 3.9/3.10 only: print the native backtrace notes
+_report.install_excepthook()  # Python 3.10 only: print the native backtrace notes
 
 del _signal

@@ -163,8 +163,8 @@ class GuardedLibrary:
         if fp is None:
             return value
         guarded = guard_function(fp, name, self.__dict__["_ffiguard_policy"])
-        self.__dict__[name] = guarded
-        return guarded
+        # setdefault is atomic: threads racing to guard `name` all get the first one
+        return self.__dict__.setdefault(name, guarded)
 
     def __setattr__(self, name, value):
         setattr(self.__dict__["__wrapped__"], name, value)

@@ -10,6 +10,7 @@ stub just jumps to the target, unguarded.
 import ctypes
 import platform
 import sys
+import threading
 
 from . import _core
 from .faults import UnsupportedPlatform
@@ -18,6 +19,9 @@ from .policy import check_on_fault
 __all__ = ["CDLL", "cdll", "guard"]
 
 _stubs = {}  # target address -> stub address, so a function is stubbed once
+# Making a stub is a check-then-set: without a lock two threads (no GIL in free-threaded
+# builds, and a thread switch between the two steps in any build) could both make one.
+_stubs_lock = threading.Lock()
 
 
 def _check_supported():
@@ -30,9 +34,12 @@ def _check_supported():
 
 def _stub_for(target):
     """The guard stub for `target` (made once per target, shared by ctypes and cffi)."""
-    stub = _stubs.get(target)
+    stub = _stubs.get(target)  # a lock-free read first: the common case
     if stub is None:
-        stub = _stubs.setdefault(target, _core.stub(target))
+        with _stubs_lock:
+            stub = _stubs.get(target)
+            if stub is None:
+                stub = _stubs[target] = _core.stub(target)
     return stub
 
 

@@ -138,7 +138,7 @@ pvalloc malloc_trim malloc_usable_size malloc_stats malloc_info mallinfo mallinf
 libc_malloc libc_free libc_calloc libc_realloc libc_memalign libc_valloc libc_pvalloc
 libc_mallopt libc_mallinfo malloc_consolidate malloc_printerr sysmalloc sysmalloc_mmap
 munmap_chunk mremap_chunk unlink_chunk tcache_init tcache_thread_shutdown arena_get2
-arena_get_retry malloc_check_init
+arena_get_retry malloc_check_init default_morecore libc_free_aligned
 """.split())
 
 STDIO = frozenset("""
@@ -156,8 +156,17 @@ freading fwriting fsetlocking
 ABORT = frozenset(("abort", "libc_message", "malloc_printerr", "libc_fatal"))
 
 
+# GCC's names for the parts it splits off a function (free.cold, _int_free.part.0,
+# malloc_printerr.constprop.0, ...), as local symbols in a .symtab.
+_PART_SUFFIXES = (".cold", ".part", ".isra", ".constprop", ".lto_priv")
+
+
 def _base_name(name):
     n = name.lstrip("_")
+    for suffix in _PART_SUFFIXES:
+        cut = n.find(suffix)
+        if cut > 0:
+            n = n[:cut]
     for suffix in ("_chk", "_unlocked", "_internal"):
         if n.endswith(suffix):
             n = n[: -len(suffix)]
@@ -174,14 +183,16 @@ def classify_names(names):
     for name in names:
         if not name:
             continue
-        n = _base_name(name)
-        if n in ABORT:
-            aborted = True
-        if alloc is None and (n in ALLOCATOR or n.startswith("int_malloc") or n.startswith("int_free")
-                              or n.startswith("int_realloc") or n.startswith("int_memalign")):
-            alloc = name
-        if stdio is None and (n in STDIO or n.startswith("IO_")):
-            stdio = name
+        # code outside every exported symbol: judged by the exported functions on either
+        # side of it, i.e. by the object (malloc.o, a stdio file) it most likely lies in
+        for n in (_base_name(x) for x in (_between_names(name) or (name,))):
+            if n in ABORT:
+                aborted = True
+            if alloc is None and (n in ALLOCATOR or n.startswith("int_malloc") or n.startswith("int_free")
+                                  or n.startswith("int_realloc") or n.startswith("int_memalign")):
+                alloc = name
+            if stdio is None and (n in STDIO or n.startswith("IO_")):
+                stdio = name
     if alloc is not None:
         return ("heap corruption" if aborted else "allocator"), alloc
     if stdio is not None:
@@ -190,18 +201,59 @@ def classify_names(names):
 
 
 def frame_names(pcs):
-    """The exported symbol containing each pc (dladdr; pc - 1 for return addresses)."""
+    """For each pc (pc - 1 for return addresses) the exported symbol containing it
+    (dladdr); for a pc inside no exported symbol, the library's own ELF tables: its
+    local symbol there when it has a .symtab (``free.cold``, ``_int_free``), else the
+    code between two exported functions: ``"<libc.so.6+0x...> between A and B"``
+    (``_between_names``), so that a split-off part of an allocator or stdio function
+    (glibc 2.43's ``free(): invalid pointer`` comes from one, outside ``free``) is
+    still recognised by the exported functions of the object it lies in."""
     names = []
     for i, pc in enumerate(pcs):
-        found = _core.dladdr(pc - 1 if i else pc) if pc > 1 else None
-        names.append(found[2] if found else None)
+        at = pc - 1 if i else pc
+        found = _core.dladdr(at) if pc > 1 else None
+        name = found[2] if found else None
+        if found and not name:
+            name = _unexported_name(found[0], at - found[1], pc - found[1])
+        names.append(name)
     return names
+
+
+_BETWEEN = " between "
+
+
+def _unexported_name(path, offset, shown):
+    from . import symbolize
+
+    lib = symbolize._library(path) if path else None  # cached per file; our own ELF reader
+    if lib is None or not lib.elf.ok:
+        return None
+    vaddr = offset + lib.elf.load_vaddr
+    if lib.symbols.has_symtab:
+        hit = lib.symbols.function_at(vaddr)
+        if hit is not None:
+            return hit[0]
+    before, after = lib.elf.neighbours(vaddr)
+    if before is None and after is None:
+        return None
+    return "<%s+%#x>%s%s and %s" % (os.path.basename(path), shown, _BETWEEN, before, after)
+
+
+def _between_names(name):
+    """The two exported neighbours named by frame_names for unexported code, or ()."""
+    head, sep, tail = name.partition(_BETWEEN)
+    if not sep:
+        return ()
+    return tuple(n for n in tail.split(" and ", 1) if n != "None")
 
 
 def classify(pcs):
     """(kind, symbol) for a native backtrace: see classify_names. Uses the exported
-    symbols only (dladdr), so the count does not depend on which symbolizer is installed:
-    every path into glibc's allocator or stdio passes through an exported entry point."""
+    symbols (dladdr) and, for code outside them, the library's own ELF symbol tables
+    read by ffiguard (frame_names), never an external symbolizer: the count does not
+    depend on which one is installed. Not every frame is in an exported symbol: glibc
+    2.43's heap-corruption abort comes from code split off `free` (GCC's cold parts),
+    and its backtrace never reaches `free` itself."""
     return classify_names(frame_names(pcs))
 
 

@@ -9,11 +9,11 @@ the call with its arguments, the symbolized native backtrace (ffiguard.symbolize
 whether the fault left the process in a suspect state (ffiguard.policy.classify).
 
 Tracebacks: on Python 3.11+ the interpreter prints PEP 678 ``__notes__`` after the
-exception line; ForeignFault.__notes__ is worked out on first read. Python 3.9/3.10 do not
+exception line; ForeignFault.__notes__ is worked out on first read. Python 3.10 does not
 print notes, so importing ffiguard there wraps sys.excepthook and threading.excepthook
 (install_excepthook) to print the notes of every ForeignFault in the chain after the
 usual traceback. traceback.print_exc() and logging do not go through those hooks: on
-3.9/3.10 print e.report() or e.__notes__ yourself there.
+3.10 print e.report() or e.__notes__ yourself there.
 """
 import os
 import signal as _signal
@@ -314,7 +314,7 @@ def report(exc, color=False):
     return text
 
 
-# ---- Python 3.9/3.10: print the notes of uncaught exceptions --------------------------------
+# ---- Python 3.10: print the notes of uncaught exceptions --------------------------------
 
 
 def _fault_notes(exc, seen=None):

@@ -6,8 +6,8 @@
 Guard-everything (ffiguard.install()) is on before the program's first line. The program
 then runs as `python script.py` / `python -m module` would run it: a fresh `__main__`
 module in sys.modules (``__name__``, ``__file__``, ``__spec__``, ``__loader__``,
-``__package__``, ``__cached__`` as python sets them), ``sys.argv`` = [script or module
-path, args...], ``sys.path[0]`` = the script's directory (symlinks resolved) or, for -m,
+``__package__``, and ``__cached__``/``__annotations__`` on the versions where python
+sets them), ``sys.argv`` = [script or module path, args...], ``sys.path[0]`` = the script's directory (symlinks resolved) or, for -m,
 the current directory (untouched under ``-P``/PYTHONSAFEPATH). Exit codes are python's:
 sys.exit(n) / SystemExit("msg") propagate unchanged, an uncaught exception prints its
 traceback (through sys.excepthook, starting at the program's first frame: none of ours
@@ -222,6 +222,17 @@ def parse(argv):
     raise UsageError("no script or -m module given")
 
 
+def _main_attrs(cached, **attrs):
+    """The __main__ module's attributes as python sets them on this version: `attrs`,
+    plus ``__cached__`` before 3.15 (3.15 no longer sets it), plus an empty
+    ``__annotations__`` before 3.14 (python's own __main__ had one until PEP 649)."""
+    if sys.version_info < (3, 15):
+        attrs["__cached__"] = cached
+    if sys.version_info < (3, 14):
+        attrs["__annotations__"] = {}
+    return attrs
+
+
 def _script(path):
     """(code, main module attributes, sys.path[0], argv0) for `python path`."""
     import importlib.machinery
@@ -232,8 +243,8 @@ def _script(path):
         if spec is None or spec.loader is None:
             raise TargetError("can't find '__main__' module in %r" % path)
         code = spec.loader.get_code("__main__")
-        attrs = dict(__file__=spec.origin, __loader__=spec.loader, __spec__=spec,
-                     __package__="", __cached__=spec.cached)
+        attrs = _main_attrs(spec.cached, __file__=spec.origin, __loader__=spec.loader,
+                            __spec__=spec, __package__="")
         return code, attrs, path, path
     abspath = os.path.join(os.getcwd(), path)  # as python: absolute, not normalized
     try:
@@ -250,8 +261,8 @@ def _script(path):
     else:
         code = compile(source, abspath, "exec", dont_inherit=True)
         loader = importlib.machinery.SourceFileLoader("__main__", abspath)
-    attrs = dict(__file__=abspath, __loader__=loader, __spec__=None, __package__=None,
-                 __cached__=None)
+    attrs = _main_attrs(None, __file__=abspath, __loader__=loader, __spec__=None,
+                        __package__=None)
     return code, attrs, os.path.dirname(os.path.realpath(abspath)), path
 
 
@@ -292,8 +303,8 @@ def _module(name):
         raise TargetError("%s: %s" % (type(e).__name__, e))
     if code is None:
         raise TargetError("No code object available for %s" % name)
-    attrs = dict(__file__=spec.origin, __loader__=spec.loader, __spec__=spec,
-                 __package__=spec.parent, __cached__=spec.cached)
+    attrs = _main_attrs(spec.cached, __file__=spec.origin, __loader__=spec.loader,
+                        __spec__=spec, __package__=spec.parent)
     return code, attrs
 
 

@@ -26,10 +26,14 @@ ALL = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGAB
 TRAPPED = ALL  # what is trapped now: see select()
 
 _faulthandler_lock = threading.Lock()  # one enable/disable followed at a time
+# select() reads and changes TRAPPED and the installed handlers in several steps: one at a
+# time (no GIL to rely on in free-threaded builds; _core's own calls are each atomic).
+_lock = threading.RLock()
 
 
 def install():
-    _core.install([int(s) for s in TRAPPED])
+    with _lock:
+        _core.install([int(s) for s in TRAPPED])
 
 
 def _check_trappable(sig, shown):
@@ -70,11 +74,12 @@ def select(signals):
         sorted(signal.Signals(s) for s in set(signals)))
     for s in chosen:
         _check_trappable(s, s.name)
-    for s in ALL:
-        if s not in chosen:
-            _core.untrap(int(s))
-    _core.install([int(s) for s in chosen])
-    TRAPPED = chosen
+    with _lock:
+        for s in ALL:
+            if s not in chosen:
+                _core.untrap(int(s))
+        _core.install([int(s) for s in chosen])
+        TRAPPED = chosen
     return chosen
 
 

@@ -168,6 +168,16 @@ class _Elf:
         self._syms = sorted((v, s, n) for v, (s, n) in best.items())
         self._starts = [v for v, _, _ in self._syms]
 
+    def neighbours(self, vaddr: int) -> Tuple[Optional[str], Optional[str]]:
+        """For a vaddr inside no function of the table: the functions just before and
+        just after it (names, None at either end); (None, None) inside a function."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and vaddr < self._syms[i][0] + max(self._syms[i][1], 1):
+            return None, None
+        before = self._syms[i][2] if i >= 0 else None
+        after = self._syms[i + 1][2] if i + 1 < len(self._syms) else None
+        return before, after
+
     def function_at(self, vaddr: int) -> Optional[Tuple[str, int]]:
         """(name, offset) of the function containing vaddr, or None."""
         i = bisect.bisect_right(self._starts, vaddr) - 1
@@ -398,7 +408,8 @@ def symbolize(pcs: Sequence[int], first: object = False, use_backend: Optional[s
     instruction; the others are return addresses, looked up at pc - 1 (the call).
     `first` is a _core.dladdr() answer for pcs[0] already looked up, if any."""
     global calls
-    calls += 1
+    with _lock:  # a read-modify-write: not atomic without the GIL
+        calls += 1
     name = use_backend or backend()
     looked = []  # (index, pc, lookup address, dladdr answer)
     for i, pc in enumerate(pcs):

@@ -11,21 +11,9 @@
 
 #include "state.h"
 
-#if PY_VERSION_HEX < 0x030A0000
-#define Py_TPFLAGS_FFG_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
-static inline PyObject *Py_NewRef(PyObject *o)
-{
-    Py_INCREF(o);
-    return o;
-}
-static inline PyObject *Py_XNewRef(PyObject *o)
-{
-    Py_XINCREF(o);
-    return o;
-}
-#else
+/* guarded.c names the vectorcall flag through this macro (a 3.9 shim once; 3.9 is no
+ * longer supported and Py_TPFLAGS_HAVE_VECTORCALL exists on every supported Python). */
 #define Py_TPFLAGS_FFG_VECTORCALL Py_TPFLAGS_HAVE_VECTORCALL
-#endif
 
 /* What happens to a library's functions after one of them faulted: shared by all the
  * functions of a library, tested on every call (one load and a branch). */

@@ -4,9 +4,16 @@
 #include "shield.h" /* shield (issue 13) */
 
 #include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 
 static const char *const ffg_register_names[FFG_NREGS] = {FFG_REG_NAMES};
+
+/* Installing, untrapping and refreshing the handlers, and saving or restoring the
+ * chained ones (chain.c), were serialised by the GIL; the free-threaded build has none,
+ * so these calls take this lock. Normal context only (the signal handler never takes
+ * it), and nothing called under it calls back into Python. */
+static pthread_mutex_t ffg_handlers_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* ---- module functions --------------------------------------------------------------- */
 
@@ -82,8 +89,17 @@ static PyObject *ffg_m_install(PyObject *mod, PyObject *arg)
         }
     }
     Py_DECREF(seq);
-    if (ffg_handlers_install(sigs, (int)n) != 0)
+    int rc, saved_errno;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&ffg_handlers_lock);
+    rc = ffg_handlers_install(sigs, (int)n);
+    saved_errno = errno;
+    pthread_mutex_unlock(&ffg_handlers_lock);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        errno = saved_errno;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
@@ -93,15 +109,30 @@ static PyObject *ffg_m_untrap(PyObject *mod, PyObject *arg)
     int s = ffg_signal_arg(arg, 1);
     if (s < 0)
         return NULL;
-    if (ffg_handlers_untrap(s) != 0)
+    int rc, saved_errno;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&ffg_handlers_lock);
+    rc = ffg_handlers_untrap((int)s);
+    saved_errno = errno;
+    pthread_mutex_unlock(&ffg_handlers_lock);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        errno = saved_errno;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *ffg_m_refresh(PyObject *mod, PyObject *unused)
 {
     (void)mod, (void)unused;
-    return PyLong_FromLong(ffg_handlers_refresh());
+    int moved;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&ffg_handlers_lock);
+    moved = ffg_handlers_refresh();
+    pthread_mutex_unlock(&ffg_handlers_lock);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(moved);
 }
 
 static PyObject *ffg_m_is_trapped(PyObject *mod, PyObject *arg)
@@ -155,7 +186,10 @@ static PyObject *ffg_m_after_faulthandler(PyObject *mod, PyObject *args)
         if (was[s] == (uintptr_t)-1 && PyErr_Occurred())
             return NULL;
     }
-    return PyLong_FromLong(ffg_handlers_after_faulthandler(was, enabled));
+    pthread_mutex_lock(&ffg_handlers_lock); /* pure C under it: the GIL can stay */
+    int moved = ffg_handlers_after_faulthandler(was, enabled);
+    pthread_mutex_unlock(&ffg_handlers_lock);
+    return PyLong_FromLong(moved);
 }
 
 static PyObject *ffg_m_access_in_context(PyObject *mod, PyObject *unused)
@@ -178,15 +212,20 @@ static PyObject *ffg_m_decode_access(PyObject *mod, PyObject *args)
     unsigned long long pc, address;
     if (!PyArg_ParseTuple(args, "y*KK:_decode_access", &records, &pc, &address))
         return NULL;
-    static ucontext_t uc; /* 4 KiB of records: not on the stack; the GIL serialises */
-    memset(&uc, 0, sizeof uc);
-    size_t n = (size_t)records.len < sizeof uc.uc_mcontext.__reserved ? (size_t)records.len
-                                                                       : sizeof uc.uc_mcontext.__reserved;
-    memcpy(uc.uc_mcontext.__reserved, records.buf, n);
+    /* 4 KiB of records: not on the stack, and not a static (no GIL to serialise it) */
+    ucontext_t *uc = PyMem_Calloc(1, sizeof *uc);
+    if (!uc) {
+        PyBuffer_Release(&records);
+        return PyErr_NoMemory();
+    }
+    size_t n = (size_t)records.len < sizeof uc->uc_mcontext.__reserved ? (size_t)records.len
+                                                                        : sizeof uc->uc_mcontext.__reserved;
+    memcpy(uc->uc_mcontext.__reserved, records.buf, n);
     PyBuffer_Release(&records);
-    uc.uc_mcontext.pc = pc;
+    uc->uc_mcontext.pc = pc;
     int from_context;
-    int access = ffg_uc_access(&uc, (uintptr_t)address, &from_context);
+    int access = ffg_uc_access(uc, (uintptr_t)address, &from_context);
+    PyMem_Free(uc);
     return Py_BuildValue("(zO)", ffg_access_names[access], from_context ? Py_True : Py_False);
 }
 #endif
@@ -359,6 +398,16 @@ PyMODINIT_FUNC PyInit__core(void)
     PyObject *m = PyModule_Create(&ffg_module);
     if (!m)
         return NULL;
+#ifdef Py_GIL_DISABLED
+    /* Free-threaded CPython: declare that the core needs no GIL (else importing it turns
+     * the GIL back on, with a RuntimeWarning). What the GIL used to serialise is locked
+     * or atomic now: stub allocation (stubs.c), handler installation (ffg_handlers_lock
+     * above); the per-thread guard state was never shared. */
+    if (PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     Py_INCREF(&ffg_GuardedFunction_Type);
     Py_INCREF(&ffg_Policy_Type);
     if (PyModule_AddObject(m, "GuardedFunction", (PyObject *)&ffg_GuardedFunction_Type) < 0 ||

@@ -304,6 +304,12 @@ static struct PyModuleDef crashers_module = {
 PyMODINIT_FUNC PyInit__crashers(void)
 {
     PyObject *m = PyModule_Create(&crashers_module);
+#ifdef Py_GIL_DISABLED
+    /* Loaded through ctypes, not imported, by ffiguard; if someone imports it, it has
+     * no state at all: it needs no GIL on a free-threaded interpreter. */
+    if (m && PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0)
+        Py_CLEAR(m);
+#endif
     if (!m)
         return NULL;
     ffg_baseline_error = PyErr_NewException("ffiguard._crashers.BaselineFault", NULL, NULL);
