@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import threading
 
 import pytest
 
@@ -273,6 +274,30 @@ def run_python(code, *args, timeout=30):
 # Prelude for subprocess snippets: ctypes, the signature table and the crashers
 # path, without importing ffiguard (the snippet decides when to do that).
 PRELUDE = "import ctypes, os, signal, sys\n" + SIGNATURES_SRC + f"\nCRASHERS_PATH = {CRASHERS_PATH!r}\n"
+
+
+def run_together(n, target, join_timeout=120):
+    """Run target(i) on n threads released at once by a barrier; re-raise the first
+    failure (with how many threads failed)."""
+    barrier = threading.Barrier(n)
+    failures = []
+
+    def body(i):
+        try:
+            barrier.wait(timeout=30)
+            target(i)
+        except BaseException as exc:  # noqa: B902 - reported below
+            failures.append((i, exc))
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=join_timeout)
+        assert not t.is_alive(), "thread hung"
+    if failures:
+        i, exc = failures[0]
+        raise AssertionError(f"thread {i} failed ({len(failures)} failures)") from exc
 
 
 @pytest.fixture(name="run_python")

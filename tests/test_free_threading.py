@@ -17,34 +17,11 @@ import pytest
 
 import ffiguard
 from ffiguard import _core
-from conftest import CRASHERS_PATH, setup_signatures
+from conftest import CRASHERS_PATH, run_together, setup_signatures
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 THREADS = 4
 LIBC = ctypes.util.find_library("c")
-
-
-def run_together(n, target):
-    """Run target(i) on n threads released at once; re-raise the first failure."""
-    barrier = threading.Barrier(n)
-    failures = []
-
-    def body(i):
-        try:
-            barrier.wait(timeout=30)
-            target(i)
-        except BaseException as exc:  # noqa: B902 - reported below
-            failures.append((i, exc))
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-        assert not t.is_alive(), "thread hung"
-    if failures:
-        i, exc = failures[0]
-        raise AssertionError("thread %d failed (%d failures)" % (i, len(failures))) from exc
 
 
 @pytest.mark.skipif(not FREE_THREADED, reason="the GIL check of a free-threaded build")

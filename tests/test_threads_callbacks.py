@@ -8,30 +8,8 @@ import pytest
 
 import ffiguard
 from conftest import (CALLBACK, CRASHERS_PATH, DIVISION_TRAPS, FPE_CODE_NAME, ILL_CODE_NAME,
-                      expected_access, pc_in, setup_signatures, stack_guard_code)
-
-
-def run_threads(target, n):
-    """Run target(i) on n threads started together; re-raise the first failure."""
-    barrier = threading.Barrier(n)
-    failures = []
-
-    def body(i):
-        try:
-            barrier.wait(timeout=30)
-            target(i)
-        except BaseException as exc:  # noqa: B902 - reported below
-            failures.append((i, exc))
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "thread hung"
-    if failures:
-        i, exc = failures[0]
-        raise AssertionError(f"thread {i} failed ({len(failures)} failures)") from exc
+                      expected_access, pc_in, run_together, setup_signatures,
+                      stack_guard_code)
 
 
 # ---------------------------------------------------------------- concurrency
@@ -88,7 +66,7 @@ def test_concurrent_faults_each_thread_gets_its_own(crashers):
                     raise AssertionError("no fault")
             assert lib.ffg_add(i, r) == i + r
 
-    run_threads(work, n_threads)
+    run_together(n_threads, work, join_timeout=60)
     assert ffiguard.stats()["recovered"] - before == n_threads * rounds
 
 
@@ -102,7 +80,7 @@ def test_concurrent_aborts(crashers):
             assert info.value.function == "ffg_abort"
             assert info.value.address is None
 
-    run_threads(work, 8)
+    run_together(8, work, join_timeout=60)
 
 
 def test_concurrent_nested_callbacks(crashers):
@@ -127,7 +105,7 @@ def test_concurrent_nested_callbacks(crashers):
             assert caught[-1].function == "ffg_read_at"
         assert len(caught) == 50
 
-    run_threads(work, 8)
+    run_together(8, work, join_timeout=60)
 
 
 # ---------------------------------------------------------------- stack overflow
@@ -177,7 +155,7 @@ def test_stack_overflow_on_many_threads_at_once():
         assert info.value.code_name == stack_guard_code(info.value.address)  # see above
         assert lib.ffg_add(i, 1) == i + 1
 
-    run_threads(work, 6)
+    run_together(6, work, join_timeout=60)
 
 
 # ---------------------------------------------------------------- nested callbacks

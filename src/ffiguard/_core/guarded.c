@@ -363,18 +363,25 @@ static PyObject *ffg_too_deep(GuardedFunction *self)
 static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args, size_t nargsf,
                                         PyObject *kwnames) __attribute__((noinline, cold));
 
+/* The positional arguments as a tuple (new reference), for tp_call. */
+static inline __attribute__((always_inline)) PyObject *ffg_args_tuple(PyObject *const *args, Py_ssize_t n)
+{
+    PyObject *tuple = PyTuple_New(n);
+    if (tuple)
+        for (Py_ssize_t i = 0; i < n; i++)
+            PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    return tuple;
+}
+
 static inline __attribute__((always_inline)) PyObject *
 ffg_call_wrapped(PyObject *wrapped, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     ternaryfunc call = Py_TYPE(wrapped)->tp_call;
     if (__builtin_expect(kwnames != NULL || call == NULL, 0))
         return ffg_call_with_keywords(wrapped, args, nargsf, kwnames);
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    PyObject *tuple = PyTuple_New(n);
+    PyObject *tuple = ffg_args_tuple(args, PyVectorcall_NARGS(nargsf));
     if (!tuple)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
     PyObject *result = call(wrapped, tuple, NULL);
     Py_DECREF(tuple);
     return result;
@@ -387,11 +394,9 @@ static PyObject *ffg_call_with_keywords(PyObject *wrapped, PyObject *const *args
     if (call == NULL)
         return PyObject_Vectorcall(wrapped, args, nargsf, kwnames);
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    PyObject *tuple = PyTuple_New(n);
+    PyObject *tuple = ffg_args_tuple(args, n);
     if (!tuple)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
     PyObject *kwargs = PyDict_New();
     for (Py_ssize_t i = 0; kwargs && i < PyTuple_GET_SIZE(kwnames); i++)
         if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[n + i]) < 0)
