@@ -98,3 +98,23 @@ def test_demo_colour_on_a_terminal_unless_no_color():
         out = b"".join(chunks).decode()
         assert ("\x1b[" in out) is coloured, env
         assert "survived all 10 faults" in out
+
+
+def test_doctor_says_whose_handler_is_first(run_python):
+    """doctor tells apart ffiguard's handler, one put over it (first in line, chaining to
+    ffiguard) and SIG_DFL put over it (refresh() puts ffiguard's back)."""
+    rc, out, err = run_python("""
+import faulthandler, runpy
+import ffiguard
+faulthandler.enable()                     # over ffiguard's, which goes back on top
+signal.signal(signal.SIGILL, signal.SIG_DFL)
+signal.signal(signal.SIGFPE, lambda *a: None)  # a Python handler over ffiguard's
+sys.argv = ["ffiguard", "doctor"]
+runpy.run_module("ffiguard", run_name="__main__")
+""")
+    assert rc == 0, err
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("  SIG")}
+    assert "NOT trapped now: SIG_DFL was installed" in lines["SIGILL"], out
+    assert "another handler" in lines["SIGFPE"] and "first in line" in lines["SIGFPE"], out
+    # faulthandler.enable() is followed: ffiguard goes back on top of faulthandler's.
+    assert lines["SIGSEGV"].endswith("ffiguard's handler is installed"), out

@@ -7,6 +7,7 @@ command runs, so `--help` works even where the core cannot load.
 """
 
 import argparse
+import signal
 import sys
 from typing import List, Optional
 
@@ -112,10 +113,17 @@ def doctor_lines() -> List[str]:
             if s not in signals.TRAPPED:
                 add("  %-8s not trapped (deselected: ffiguard.signals.select())" % s.name)
                 continue
-            ours = _core.is_trapped(int(s))
-            add("  %-8s %s" % (s.name, "ffiguard's handler is installed" if ours
-                               else "NOT ours now (another handler replaced it; "
-                                    "ffiguard.signals.refresh() puts it back)"))
+            now = _core.handlers()[int(s)]
+            if now == _core.HANDLER:
+                state = "ffiguard's handler is installed"
+            elif now in (int(signal.SIG_DFL), int(signal.SIG_IGN)):
+                state = ("NOT trapped now: %s was installed over ffiguard's handler "
+                         "(ffiguard.signals.refresh() puts it back)"
+                         % ("SIG_DFL" if now == int(signal.SIG_DFL) else "SIG_IGN"))
+            else:
+                state = ("another handler (at 0x%x) was installed after ffiguard's and is "
+                         "first in line; ffiguard recovers guarded faults it passes on" % now)
+            add("  %-8s %s" % (s.name, state))
         found = symbolize.available_backends()
         add("symbolizers:     (in order of preference; in use: %s)" % symbolize.backend())
         for name, where in found.items():

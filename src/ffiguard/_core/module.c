@@ -414,6 +414,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddObject(m, "Policy", (PyObject *)&ffg_Policy_Type) < 0 ||
         PyModule_AddStringConstant(m, "ARCH", FFG_ARCH_NAME) < 0 ||
         PyModule_AddIntConstant(m, "MAX_FRAMES", FFG_MAX_FRAMES) < 0 ||
+        PyModule_AddObject(m, "HANDLER", PyLong_FromSize_t((size_t)(uintptr_t)&ffg_on_signal)) < 0 ||
         PyModule_AddIntConstant(m, "MAX_PENDING", FFG_MAX_PENDING) < 0 ||
 #ifdef FFG_NO_ARCH
         PyModule_AddIntConstant(m, "SUPPORTED", 0) < 0 ||
