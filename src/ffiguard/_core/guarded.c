@@ -471,7 +471,7 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
 static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     GuardedFunction *self = (GuardedFunction *)op;
-    if (__builtin_expect(self->policy && self->policy->quarantined, 0))
+    if (__builtin_expect(self->policy && __atomic_load_n(&self->policy->quarantined, __ATOMIC_RELAXED), 0))
         return PyErr_Format(ffg_quarantine_error, "%S is quarantined after a fault: %S not called "
                             "(release the library to call it again)", self->policy->name, self->name);
     struct ffg_thread *t = ffg_tls;

@@ -38,7 +38,7 @@ static uint64_t ffg_recovered[FFG_NSIGNALS]; /* atomic counters */
 static int ffg_access_ctx = -1;
 static uint64_t ffg_unwind_escape_count; /* atomic: faults inside the unwinder, escaped (see capture_pcs) */
 
-static int in_thunk(uintptr_t pc)
+static int ffg_in_thunk(uintptr_t pc)
 {
 #ifdef FFG_NO_ARCH
     (void)pc;
@@ -78,7 +78,7 @@ static struct ffg_frame *ffg_guarded_frame(struct ffg_thread *t, int signo, cons
 {
     if (!t || t->top <= t->frames + 1 || t->top > t->end)
         return NULL;
-    if (!ffg_self_inflicted(signo, si, uc) || in_thunk(ffg_uc_pc(uc)))
+    if (!ffg_self_inflicted(signo, si, uc) || ffg_in_thunk(ffg_uc_pc(uc)))
         return NULL;
     PyThreadState *attached = ffg_py_attached();
     if (attached && FFG_ATTACHED_IS_THIS_THREAD)
@@ -108,7 +108,7 @@ static struct ffg_fault *ffg_free_record(struct ffg_thread *t)
 /* A SIGSEGV just below the stack pointer, with the stack nearly used up, is the stack
  * running out (SEGV_MAPERR past the main thread's stack, SEGV_ACCERR on a thread's
  * guard page). */
-static int is_stack_overflow(const struct ffg_thread *t, const struct ffg_fault *r)
+static int ffg_is_stack_overflow(const struct ffg_thread *t, const struct ffg_fault *r)
 {
     if (r->signo != SIGSEGV || !r->has_address)
         return 0;
@@ -138,7 +138,7 @@ static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, stru
     ffg_unwind(uc, lo, hi, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
 }
 
-static void capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+static void ffg_capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
                         const ucontext_t *uc)
 {
     r->npcs = 0;
@@ -160,7 +160,7 @@ extern void __asan_unpoison_memory_region(void const volatile *addr, size_t size
 
 #define FFG_UNPOISON_MAX ((uintptr_t)1 << 30) /* no thread stack is larger: beyond, sp was wild */
 
-static void unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
+static void ffg_unpoison_skipped_stack(uintptr_t fault_sp, uintptr_t frame_sp)
 {
     const struct ffg_thread *t = ffg_tls;
     uintptr_t lo = fault_sp - FFG_RED_ZONE; /* a leaf function may use memory below sp */
@@ -191,8 +191,8 @@ static void ffg_record(struct ffg_thread *t, struct ffg_fault *r, const struct f
         __atomic_store_n(&ffg_access_ctx, from_context, __ATOMIC_RELAXED);
     }
     ffg_uc_regs(uc, r->regs);
-    r->stack_overflow = is_stack_overflow(t, r);
-    capture_pcs(t, f, r, uc);
+    r->stack_overflow = ffg_is_stack_overflow(t, r);
+    ffg_capture_pcs(t, f, r, uc);
     __atomic_fetch_add(&ffg_recovered[signo], 1, __ATOMIC_RELAXED);
     __atomic_store_n(&r->token, f->token, __ATOMIC_RELEASE); /* now the caller may read it */
     __atomic_fetch_add(&t->npending, 1, __ATOMIC_RELEASE);
@@ -223,7 +223,7 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
     struct ffg_fault *r = f ? ffg_free_record(t) : NULL;
     if (r) {
         ffg_record(t, r, f, signo, si, uc);
-        unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
+        ffg_unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
         ffg_uc_recover(uc, f, ffg_shield_resume(f)); /* shield: its own return path restores PKRU */
         /* sigreturn restores this mask: the one the call started with, not whatever the
          * foreign code had blocked when it faulted (SIGINT, say). */

@@ -41,7 +41,7 @@ static void ffg_policy_dealloc(ffg_Policy *self)
 static PyObject *ffg_policy_get_quarantined(ffg_Policy *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(self->quarantined);
+    return PyBool_FromLong(__atomic_load_n(&self->quarantined, __ATOMIC_RELAXED));
 }
 
 static int ffg_policy_set_quarantined(ffg_Policy *self, PyObject *value, void *closure)
@@ -50,7 +50,7 @@ static int ffg_policy_set_quarantined(ffg_Policy *self, PyObject *value, void *c
     int v = value ? PyObject_IsTrue(value) : 0;
     if (v < 0)
         return -1;
-    self->quarantined = v;
+    __atomic_store_n(&self->quarantined, v, __ATOMIC_RELAXED); /* read by every call, any thread */
     return 0;
 }
 

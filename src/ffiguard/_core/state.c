@@ -31,13 +31,13 @@ _Static_assert(offsetof(struct ffg_frame, token) == F_TOKEN, "F_TOKEN");
 
 #define ALTSTACK_MIN (128 * 1024) /* the unwinder needs a few KiB; pages are touched lazily */
 
-static pthread_key_t thread_key;
+static pthread_key_t ffg_thread_key;
 
-static size_t page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
+static size_t ffg_page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
 
-static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+static size_t ffg_round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-static size_t altstack_size(void)
+static size_t ffg_altstack_size(void)
 {
     size_t size = ALTSTACK_MIN;
 #ifdef AT_MINSIGSTKSZ
@@ -45,12 +45,12 @@ static size_t altstack_size(void)
     if (kernel_min * 4 > size)
         size = kernel_min * 4;
 #endif
-    return round_up(size, page_size());
+    return ffg_round_up(size, ffg_page_size());
 }
 
 /* Runs at thread exit (pthread key destructor): give back the alternate stack first,
  * so no signal can land on memory about to be unmapped. */
-static void thread_detach(void *p)
+static void ffg_thread_detach(void *p)
 {
     struct ffg_thread *t = p;
     ffg_tls = NULL;
@@ -61,7 +61,7 @@ static void thread_detach(void *p)
     munmap(t, t->mapping_size);
 }
 
-static void record_stack_bounds(struct ffg_thread *t)
+static void ffg_record_stack_bounds(struct ffg_thread *t)
 {
     pthread_attr_t attr;
     void *lo;
@@ -78,9 +78,9 @@ static void record_stack_bounds(struct ffg_thread *t)
 /* Layout of one mapping: [struct ffg_thread][guard page][alternate signal stack]. */
 struct ffg_thread *ffg_thread_attach(void)
 {
-    size_t page = page_size();
-    size_t head = round_up(sizeof(struct ffg_thread), page);
-    size_t alt = altstack_size();
+    size_t page = ffg_page_size();
+    size_t head = ffg_round_up(sizeof(struct ffg_thread), page);
+    size_t alt = ffg_altstack_size();
     size_t total = head + page + alt;
     char *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED)
@@ -93,7 +93,7 @@ struct ffg_thread *ffg_thread_attach(void)
     t->top = t->frames + 1;
     t->end = t->frames + 1 + FFG_MAX_FRAMES;
     pthread_sigmask(SIG_SETMASK, NULL, &t->host_mask);
-    record_stack_bounds(t);
+    ffg_record_stack_bounds(t);
 
     stack_t current;
     if (sigaltstack(NULL, &current) == 0 &&
@@ -104,9 +104,9 @@ struct ffg_thread *ffg_thread_attach(void)
             t->owns_altstack = 1;
         }
     }
-    if (pthread_setspecific(thread_key, t) != 0) {
+    if (pthread_setspecific(ffg_thread_key, t) != 0) {
         int saved = errno;
-        thread_detach(t);
+        ffg_thread_detach(t);
         errno = saved;
         return NULL;
     }
@@ -116,7 +116,7 @@ struct ffg_thread *ffg_thread_attach(void)
 
 int ffg_state_init(void)
 {
-    int err = pthread_key_create(&thread_key, thread_detach);
+    int err = pthread_key_create(&ffg_thread_key, ffg_thread_detach);
     if (err) {
         errno = err;
         return -1;

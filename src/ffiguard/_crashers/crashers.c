@@ -87,15 +87,15 @@ FAULTY int ffg_assert_positive(int x)
     return x;
 }
 
-/* Unbounded recursion (the compiler cannot prove it: `forever` could change); the
+/* Unbounded recursion (the compiler cannot prove it: `ffg_forever` could change); the
  * volatile buffer keeps every frame on the stack. */
-static volatile int forever = 1;
+static volatile int ffg_forever = 1;
 
 FAULTY int ffg_recurse(int depth)
 {
     volatile char pad[256];
     pad[0] = (char)depth;
-    if (!forever)
+    if (!ffg_forever)
         return pad[0];
     return ffg_recurse(depth + 1) + pad[0];
 }
@@ -243,18 +243,18 @@ static sigjmp_buf ffg_baseline_env;
 static struct sigaction ffg_baseline_saved;
 static PyObject *ffg_baseline_error;
 
-static void baseline_handler(int signo, siginfo_t *si, void *context)
+static void ffg_baseline_handler(int signo, siginfo_t *si, void *context)
 {
     (void)si, (void)context;
     siglongjmp(ffg_baseline_env, signo); /* async-signal-safe: the jump is all it does */
 }
 
-static PyObject *baseline_install(PyObject *module, PyObject *noargs)
+static PyObject *ffg_baseline_install(PyObject *module, PyObject *noargs)
 {
     (void)module, (void)noargs;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = baseline_handler;
+    sa.sa_sigaction = ffg_baseline_handler;
     /* SA_NODEFER: the jump leaves the handler without sigreturn, so SIGSEGV must not be
      * blocked while it runs (sigsetjmp(env, 0) does not save or restore the mask). */
     sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
@@ -264,7 +264,7 @@ static PyObject *baseline_install(PyObject *module, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-static PyObject *baseline_restore(PyObject *module, PyObject *noargs)
+static PyObject *ffg_baseline_restore(PyObject *module, PyObject *noargs)
 {
     (void)module, (void)noargs;
     if (sigaction(SIGSEGV, &ffg_baseline_saved, NULL) != 0)
@@ -272,7 +272,7 @@ static PyObject *baseline_restore(PyObject *module, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-static PyObject *baseline_read_null(PyObject *module, PyObject *noargs)
+static PyObject *ffg_baseline_read_null(PyObject *module, PyObject *noargs)
 {
     (void)module, (void)noargs;
     if (sigsetjmp(ffg_baseline_env, 0) == 0) {
@@ -283,27 +283,27 @@ static PyObject *baseline_read_null(PyObject *module, PyObject *noargs)
     return NULL;
 }
 
-static PyMethodDef crashers_methods[] = {
-    {"baseline_install", baseline_install, METH_NOARGS,
+static PyMethodDef ffg_crashers_methods[] = {
+    {"baseline_install", ffg_baseline_install, METH_NOARGS,
      "install the baseline's SIGSEGV handler (a bare siglongjmp), saving the current one"},
-    {"baseline_restore", baseline_restore, METH_NOARGS, "put back the SIGSEGV handler saved by baseline_install"},
-    {"baseline_read_null", baseline_read_null, METH_NOARGS,
+    {"baseline_restore", ffg_baseline_restore, METH_NOARGS, "put back the SIGSEGV handler saved by baseline_install"},
+    {"baseline_read_null", ffg_baseline_read_null, METH_NOARGS,
      "sigsetjmp, read NULL, siglongjmp back from the handler, raise BaselineFault (needs baseline_install)"},
     {NULL, NULL, 0, NULL},
 };
 
 /* ---- the extension module itself ------------------------------------------------- */
 
-static struct PyModuleDef crashers_module = {
+static struct PyModuleDef ffg_crashers_module = {
     PyModuleDef_HEAD_INIT, "ffiguard._crashers",
     "Deliberate faults for ffiguard's demo and tests: load with ctypes.CDLL(__file__).\n"
     "Its Python functions are the benchmark's bare sigsetjmp/siglongjmp baseline.",
-    -1, crashers_methods, NULL, NULL, NULL, NULL,
+    -1, ffg_crashers_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__crashers(void)
 {
-    PyObject *m = PyModule_Create(&crashers_module);
+    PyObject *m = PyModule_Create(&ffg_crashers_module);
 #ifdef Py_GIL_DISABLED
     /* Loaded through ctypes, not imported, by ffiguard; if someone imports it, it has
      * no state at all: it needs no GIL on a free-threaded interpreter. */
