@@ -11,10 +11,6 @@
 
 #include "state.h"
 
-/* guarded.c names the vectorcall flag through this macro (a 3.9 shim once; 3.9 is no
- * longer supported and Py_TPFLAGS_HAVE_VECTORCALL exists on every supported Python). */
-#define Py_TPFLAGS_FFG_VECTORCALL Py_TPFLAGS_HAVE_VECTORCALL
-
 /* What happens to a library's functions after one of them faulted: shared by all the
  * functions of a library, tested on every call (one load and a branch). */
 typedef struct {

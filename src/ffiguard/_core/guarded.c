@@ -443,6 +443,24 @@ static inline void ffg_gf_shield_end(int shield)
         ffg_shield_fallback_unlock();
 }
 
+/* Arm this thread for the call, make it, disarm, and raise its fault if it had one. */
+static inline __attribute__((always_inline)) PyObject *
+ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
+                    PyObject *kwnames)
+{
+    uint64_t token = ++t->next_token;
+    int shield = ffg_gf_shield_begin(self, &token);
+    if (__builtin_expect(shield < 0, 0))
+        return NULL;
+    t->armed_token = token;
+    ffg_py_position(ffg_py_attached(), &t->armed_host);
+    t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
+    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
+    t->armed = 0;
+    ffg_gf_shield_end(shield);
+    return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
+}
+
 /* A GuardedFunction called while another one is armed: from argument conversion (a
  * from_param or _as_parameter_ running Python code) between the outer call's arming and
  * its foreign call. The outer arm is put back afterwards. */
@@ -453,19 +471,11 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
     uintptr_t outer = t->armed;
     uint64_t outer_token = t->armed_token;
     struct ffg_host outer_host = t->armed_host;
-    uint64_t token = ++t->next_token;
-    int shield = ffg_gf_shield_begin(self, &token);
-    if (shield < 0)
-        return NULL;
-    t->armed_token = token;
-    ffg_py_position(ffg_py_attached(), &t->armed_host);
-    t->armed = self->target;
-    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
+    PyObject *result = ffg_gf_guarded_call(self, t, args, nargsf, kwnames);
     t->armed = outer;
     t->armed_token = outer_token;
     t->armed_host = outer_host;
-    ffg_gf_shield_end(shield);
-    return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
+    return result;
 }
 
 static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -481,17 +491,7 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
         return ffg_too_deep(self);
     if (__builtin_expect(t->armed != 0, 0))
         return ffg_gf_call_nested(self, t, args, nargsf, kwnames);
-    uint64_t token = ++t->next_token;
-    int shield = ffg_gf_shield_begin(self, &token);
-    if (__builtin_expect(shield < 0, 0))
-        return NULL;
-    t->armed_token = token;
-    ffg_py_position(ffg_py_attached(), &t->armed_host);
-    t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
-    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
-    t->armed = 0;
-    ffg_gf_shield_end(shield);
-    return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
+    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames);
 }
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -655,7 +655,7 @@ PyTypeObject ffg_GuardedFunction_Type = {
                         "(ffiguard.guard() arranges both).\nAttributes (argtypes, restype, errcheck, "
                         "...) are those of the wrapped function."),
     .tp_basicsize = sizeof(GuardedFunction),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_FFG_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = ffg_gf_new,
     .tp_dealloc = (destructor)ffg_gf_dealloc,
     .tp_traverse = (traverseproc)ffg_gf_traverse,
