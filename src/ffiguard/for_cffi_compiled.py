@@ -16,7 +16,10 @@ import collections
 import sys
 import threading
 
-__all__ = ["UnguardedModule", "unguarded", "guarded_modules"]
+from . import _core
+
+__all__ = ["UnguardedModule", "unguarded", "guarded_modules", "guard_builtin", "guard_module",
+           "unguard_modules"]
 
 UnguardedModule = collections.namedtuple("UnguardedModule", "name path reason")
 UnguardedModule.__doc__ = """A compiled cffi module in sys.modules whose calls are not guarded:
@@ -42,9 +45,18 @@ def _compiled_modules():
         if type(d) is not dict:
             continue
         lib = d.get("lib")
-        if type(lib) is lib_type and _is_backend_ffi(backend, d.get("ffi")):
+        if type(lib) is lib_type and _is_backend_ffi(backend, d.get("ffi")) and _own_lib(module, lib):
             found.append((name, module))
     return found
+
+
+def _own_lib(module, lib):
+    """The module made this lib (its name is "<module>.lib"), rather than imported it
+    (``from _foo import ffi, lib`` in some other module)."""
+    try:
+        return getattr(lib, "__name__", None) == getattr(module, "__name__", None) + ".lib"
+    except Exception:
+        return False
 
 
 def _is_backend_ffi(backend, ffi):
@@ -83,3 +95,109 @@ def unguarded():
                 reason = "not guarded"
             result.append(UnguardedModule(name, _path(module), reason))
         return sorted(result)
+
+
+# ---- the mechanism ------------------------------------------------------------------
+
+_BUILTIN = type(len)
+_made = {}  # (builtin, policy) -> its GuardedFunction (kept: see cffi_api.inc)
+_policies = {}  # (module name, on_fault) -> the module's policy
+
+
+def _functions(lib):
+    """(name, builtin) of every function of a compiled module's lib. cffi builds them
+    lazily, on first access: this builds them all."""
+    found = []
+    for name in dir(lib):
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        try:
+            value = getattr(lib, name)
+        except Exception:  # a declared name cffi cannot resolve: not ours to judge
+            continue
+        if type(value) is _BUILTIN and getattr(value, "__self__", None) is lib \
+                and _core.cffi_target(value) is not None:
+            found.append((name, value))
+    return found
+
+
+def guard_builtin(builtin, name, policy):
+    """A GuardedFunction calling the compiled cffi function `builtin` (lib.f) guarded:
+    the builtin's C function (cffi's wrapper) called through its guard stub. Made once
+    per builtin and policy."""
+    from .for_ctypes import _stub_for
+    key = (builtin, policy)
+    gf = _made.get(key)
+    if gf is None:
+        target = _core.cffi_target(builtin)
+        if target is None:
+            raise TypeError("%r is not a compiled cffi module's function" % (builtin,))
+        gf = _made.setdefault(key, _core.cffi_guard(builtin, name, policy, _stub_for(target)))
+    return gf
+
+
+def _is_compiled(module):
+    backend = sys.modules.get("_cffi_backend")
+    d = getattr(module, "__dict__", None)
+    if backend is None or type(d) is not dict:
+        return False
+    lib_type = getattr(backend, "Lib", None)
+    return lib_type is not None and type(d.get("lib")) is lib_type and \
+        _is_backend_ffi(backend, d.get("ffi")) and _own_lib(module, d["lib"])
+
+
+def guard_module(module, on_fault=None):
+    """Guard a compiled cffi module in place: every function of its lib. Returns True if
+    the module is (now) guarded; False if it is not a compiled cffi module. A failure
+    is recorded for unguarded() and raised."""
+    from .for_ctypes import make_policy
+    if not _is_compiled(module):
+        return False
+    name = module.__name__
+    lib = module.__dict__["lib"]
+    with _lock:
+        if _guarded.get(name) is lib:
+            return True
+        try:
+            policy = _policies.get((name, on_fault))
+            if policy is None:  # one per module and on_fault: install() again reuses it
+                policy = _policies[(name, on_fault)] = make_policy(name, on_fault)
+            guarded = [guard_builtin(builtin, fname, policy) for fname, builtin in _functions(lib)]
+            for gf in guarded:
+                _core.cffi_patch(gf, True)
+        except BaseException as e:
+            _failed[name] = "guarding it failed: %s" % (e,)
+            raise
+        _failed.pop(name, None)
+        _guarded[name] = lib
+        return True
+
+
+def unguard_modules():
+    """Put every module guarded in place back as cffi made it."""
+    with _lock:
+        for lib in _guarded.values():
+            for _, builtin in _functions(lib):
+                gf = _core.cffi_patched(builtin)
+                if gf is not None:
+                    _core.cffi_patch(gf, False)
+        _guarded.clear()
+        _failed.clear()
+
+
+def guard_loaded(on_fault=None):
+    """Guard every compiled cffi module already in sys.modules (install() does)."""
+    for _, module in _compiled_modules():
+        try:
+            guard_module(module, on_fault)
+        except Exception:
+            pass  # recorded in _failed: unguarded() says why
+
+
+def after_import(module, on_fault=None):
+    """An extension module was just imported while installed: guard it if it is a
+    compiled cffi module. Never breaks the import (a failure is listed by unguarded())."""
+    try:
+        guard_module(module, on_fault)
+    except Exception:
+        pass

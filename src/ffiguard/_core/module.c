@@ -336,6 +336,13 @@ static PyMethodDef ffg_methods[] = {
     {"set_quarantine_error", ffg_m_set_quarantine_error, METH_O, "set the LibraryQuarantined class"},
     {"stub", ffg_m_stub, METH_O, "stub(target) -> address of a new guard stub calling target"},
     {"stub_target", ffg_m_stub_target, METH_O, "stub_target(address) -> target, or None if not a stub"},
+    /* compiled cffi modules (issue 15): cffi_api.inc */
+    {"cffi_target", ffg_m_cffi_target, METH_O, "cffi_target(builtin) -> its C function's address, or None"},
+    {"cffi_guard", ffg_m_cffi_guard, METH_VARARGS,
+     "cffi_guard(builtin, name, policy, stub) -> GuardedFunction calling the builtin's C function guarded"},
+    {"cffi_patch", ffg_m_cffi_patch, METH_VARARGS,
+     "cffi_patch(guarded, on=True): guard its builtin in place (on=False: put it back)"},
+    {"cffi_patched", ffg_m_cffi_patched, METH_O, "cffi_patched(builtin) -> its GuardedFunction if guarded in place"},
     {"install", ffg_m_install, METH_O, "install(signals): trap these signals"},
     {"untrap", ffg_m_untrap, METH_O, "untrap(signal): stop trapping it, put back what was there before"},
     {"refresh", ffg_m_refresh, METH_NOARGS,
