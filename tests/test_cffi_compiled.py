@@ -19,7 +19,7 @@ from conftest import import_cffi
 cffi = import_cffi()
 
 import ffiguard  # noqa: E402
-from ffiguard import _core  # noqa: E402
+from ffiguard import _core, for_cffi_compiled  # noqa: E402
 
 LINKAGES = ("shared", "static")
 
@@ -29,6 +29,7 @@ int api_add(int a, int b);
 int api_deref(uintptr_t address);
 int api_read_null(void);
 int api_set_errno(int e);
+int api_errno_then_fault(int e);
 int api_wait(int *flag, int *started);
 int api_point_sum(struct api_point p);
 int api_sum(int *xs, int n);
@@ -49,6 +50,7 @@ __attribute__((noinline)) int api_add(int a, int b) { return a + b; }
 __attribute__((noinline)) int api_deref(uintptr_t address) { return *(volatile int *)address; }
 __attribute__((noinline)) int api_read_null(void) { return *(volatile int *)(uintptr_t)0; }
 int api_set_errno(int e) { errno = e; return -1; }
+__attribute__((noinline)) int api_errno_then_fault(int e) { errno = e; return *(volatile int *)(uintptr_t)0x80; }
 /* Waits (up to ~20 s) for another thread to set *flag: only possible while the caller
  * has released the GIL. Returns 1 if it was set. */
 int api_wait(int *flag, int *started)
@@ -74,6 +76,7 @@ int api_add(int a, int b);
 int api_deref(uintptr_t address);
 int api_read_null(void);
 int api_set_errno(int e);
+int api_errno_then_fault(int e);
 int api_wait(int *flag, int *started);
 int api_point_sum(struct api_point p);
 int api_sum(int *xs, int n);
@@ -109,10 +112,12 @@ def _build(directory, linkage):
             f.write(FUNCTIONS)
         lib = os.path.join(directory, "libffgapi.so")
         _cc(common + [lib_c, "-o", lib])
+        # full RELRO (as hardened builds have): the GOT is read-only after loading
         _cc(common + ["-I" + sysconfig.get_paths()["include"], c_file, "-o", out, lib,
-                      "-Wl,-rpath," + directory])
+                      "-Wl,-rpath," + directory, "-Wl,-z,relro,-z,now"])
         return name, lib
-    _cc(common + ["-I" + sysconfig.get_paths()["include"], c_file, "-o", out])
+    # -Bsymbolic: the module's own calls to its functions are direct (no PLT/GOT slot)
+    _cc(common + ["-Wl,-Bsymbolic", "-I" + sysconfig.get_paths()["include"], c_file, "-o", out])
     return name, out
 
 
@@ -155,6 +160,9 @@ def _same(a, b):
 def test_fault_raises_naming_the_function(mod):
     module, where = mod
     lib = module.lib
+    # through the shared library's GOT slot, or the whole wrapper where there is none
+    expected_mode = "got" if module.__name__.endswith("shared") else "wrapper"
+    assert for_cffi_compiled.mode(lib.api_deref) == expected_mode
     with pytest.raises(ffiguard.SegmentationFault) as info:
         lib.api_deref(0x40)  # METH_O
     e = info.value
@@ -175,6 +183,18 @@ def test_fault_raises_naming_the_function(mod):
         lib.api_deref(1, 2)
     with pytest.raises(TypeError):
         lib.api_add(1, b=2)
+
+
+def test_errno_after_a_fault(mod):
+    # GOT mode: the wrapper runs to its end after the recovery and saves errno for
+    # ffi.errno; whole-wrapper mode skips that (docs/design.md): ffi.errno is left as it was
+    module = mod[0]
+    lib, ffi = module.lib, module.ffi
+    ffi.errno = 0
+    with pytest.raises(ffiguard.SegmentationFault) as info:
+        lib.api_errno_then_fault(errno.ENOENT)
+    assert info.value.address == 0x80
+    assert ffi.errno == (errno.ENOENT if module.__name__.endswith("shared") else 0)
 
 
 def test_fault_at_a_specialised_call_site(mod):

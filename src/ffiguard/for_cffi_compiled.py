@@ -19,7 +19,7 @@ import threading
 from . import _core
 
 __all__ = ["UnguardedModule", "unguarded", "guarded_modules", "guard_builtin", "guard_module",
-           "unguard_modules"]
+           "unguard_modules", "mode"]
 
 UnguardedModule = collections.namedtuple("UnguardedModule", "name path reason")
 UnguardedModule.__doc__ = """A compiled cffi module in sys.modules whose calls are not guarded:
@@ -121,19 +121,74 @@ def _functions(lib):
     return found
 
 
+_got_tables = {}  # load bias of an object -> its got_slots() table, kept current
+_modes = {}  # builtin -> "got" or "wrapper": how its calls are guarded
+
+
+def _got_target(wrapper, name):
+    """GOT mode for the function `name` whose cffi wrapper is at `wrapper`: if the
+    module reaches `name` through GOT slots that hold exactly that exported function,
+    point them all at its guard stub and return its address; else None (the module
+    calls it directly: whole-wrapper mode). Slots are left pointing at the stub for
+    good (an unarmed stub jumps straight on)."""
+    from .for_ctypes import _stub_for
+    where = _core.dladdr(wrapper)
+    if not where:
+        return None
+    table = _got_tables.get(where[1])
+    if table is None:
+        table = _got_tables[where[1]] = _core.got_slots(wrapper)
+    entries = table.get(name)
+    if not entries:
+        return None
+    functions = {_core.stub_target(value) or value for _, value in entries}
+    if len(functions) != 1:
+        return None
+    real = functions.pop()
+    found = _core.dladdr(real)
+    # an exported function exactly (not a lazy-binding PLT entry, not an IFUNC's choice)
+    if not found or found[2] != name or found[3] != real:
+        return None
+    stub = _stub_for(real)
+    for i, (slot, value) in enumerate(entries):
+        if value != stub:
+            if not _core.got_write(slot, value, stub):
+                return None  # changed under us: leave this function to whole-wrapper mode
+            entries[i] = (slot, stub)
+    return real
+
+
 def guard_builtin(builtin, name, policy):
-    """A GuardedFunction calling the compiled cffi function `builtin` (lib.f) guarded:
-    the builtin's C function (cffi's wrapper) called through its guard stub. Made once
-    per builtin and policy."""
+    """A GuardedFunction calling the compiled cffi function `builtin` (lib.f) guarded.
+    GOT mode where the module calls the C function `name` through GOT slots: the
+    wrapper is called directly and the function, through its stub in the slots, is
+    armed; whole-wrapper mode otherwise: cffi's wrapper is called through its own stub
+    (docs/design.md, "Compiled cffi modules"). Made once per builtin and policy."""
     from .for_ctypes import _stub_for
     key = (builtin, policy)
     gf = _made.get(key)
     if gf is None:
-        target = _core.cffi_target(builtin)
-        if target is None:
-            raise TypeError("%r is not a compiled cffi module's function" % (builtin,))
-        gf = _made.setdefault(key, _core.cffi_guard(builtin, name, policy, _stub_for(target)))
+        with _lock:
+            gf = _made.get(key)
+            if gf is None:
+                wrapper = _core.cffi_target(builtin)
+                if wrapper is None:
+                    raise TypeError("%r is not a compiled cffi module's function" % (builtin,))
+                real = _got_target(wrapper, name)
+                if real is not None:
+                    gf = _core.cffi_guard(builtin, name, policy, wrapper, real)
+                    _modes[builtin] = "got"
+                else:
+                    gf = _core.cffi_guard(builtin, name, policy, _stub_for(wrapper))
+                    _modes[builtin] = "wrapper"
+                _made[key] = gf
     return gf
+
+
+def mode(builtin):
+    """How calls of a guarded compiled cffi function are guarded: "got", "wrapper", or
+    None (never guarded)."""
+    return _modes.get(builtin)
 
 
 def _is_compiled(module):

@@ -36,5 +36,8 @@ PyObject *ffg_m_cffi_target(PyObject *mod, PyObject *builtin);
 PyObject *ffg_m_cffi_guard(PyObject *mod, PyObject *args);
 PyObject *ffg_m_cffi_patch(PyObject *mod, PyObject *args);
 PyObject *ffg_m_cffi_patched(PyObject *mod, PyObject *builtin);
+/* got.c (issue 15) */
+PyObject *ffg_m_got_slots(PyObject *mod, PyObject *address);
+PyObject *ffg_m_got_write(PyObject *mod, PyObject *args);
 
 #endif
