@@ -18,7 +18,10 @@ While installed, every library loaded through ctypes or cffi is guarded:
   the guarded objects (a cast of ``lib.f`` is a pointer to its stub: called through it,
   the function runs unguarded). cffi is not imported by install(): if the program has
   not imported it yet, a meta-path hook patches it the moment it is imported.
-  Compiled (API-mode) modules are not patched: ``ffiguard.guard(ffi, lib)`` them.
+* Compiled cffi modules (API mode), imported before or after install: their ``lib``'s
+  functions are guarded in place (for_cffi_compiled.py; docs/design.md, "Compiled cffi
+  modules"); ``importlib``'s ExtensionFileLoader.exec_module is wrapped to catch the
+  ones imported while installed.
 
 Not guarded, on purpose: ``ctypes.pythonapi`` and ``ctypes.PyDLL`` (Python's own C API,
 called with the GIL held: a fault there is in the interpreter, and the handler refuses
