@@ -373,3 +373,28 @@ def test_fault_with_the_gil_held_is_not_recovered(built, how):
     """ % (directory, names["static"][0], how)
     rc, out, err = _run(code)
     assert (rc, out) == (-signal.SIGSEGV, "calling\n"), err
+
+
+def test_quarantine_and_release(built):
+    directory, names = built
+    code = """
+        import sys, ffiguard
+        sys.path.insert(0, %r)
+        ffiguard.install(on_fault="quarantine")
+        from %s import lib
+        try:
+            lib.api_deref(0x88)
+        except ffiguard.SegmentationFault:
+            pass
+        try:
+            lib.api_add(1, 2)
+        except ffiguard.LibraryQuarantined as e:
+            print("quarantined:", e)
+        assert ffiguard.release(lib) is True
+        assert lib.api_add(1, 2) == 3
+        print("ok")
+    """ % (directory, names["shared"][0])
+    rc, out, err = _run(code)
+    assert rc == 0, err
+    assert out.splitlines() == ["quarantined: _ffgapi_shared is quarantined after a fault: api_add not "
+                                "called (release the library to call it again)", "ok"]

@@ -102,6 +102,7 @@ def unguarded():
 _BUILTIN = type(len)
 _made = {}  # (builtin, policy) -> its GuardedFunction (kept: see cffi_api.inc)
 _policies = {}  # (module name, on_fault) -> the module's policy
+_policy_in_use = {}  # module name -> the policy of its installation now
 
 
 def _functions(lib):
@@ -225,7 +226,21 @@ def guard_module(module, on_fault=None):
             raise
         _failed.pop(name, None)
         _guarded[name] = lib
+        _policy_in_use[name] = policy
         return True
+
+
+def policy_of(obj):
+    """The policy of a compiled module guarded in place, given its lib or one of its
+    functions; None otherwise (ffiguard.release(lib) uses it)."""
+    if type(obj) is _BUILTIN:
+        gf = _core.cffi_patched(obj)
+        return gf.__policy__ if gf is not None else None
+    with _lock:
+        for name, lib in _guarded.items():
+            if lib is obj:
+                return _policy_in_use.get(name)
+    return None
 
 
 def unguard_modules():
@@ -238,6 +253,7 @@ def unguard_modules():
                     _core.cffi_patch(gf, False)
         _guarded.clear()
         _failed.clear()
+        _policy_in_use.clear()
 
 
 def guard_loaded(on_fault=None):
