@@ -352,8 +352,9 @@ def test_uninstall_puts_back(built, linkage):
     assert (rc, out) == (-signal.SIGSEGV, "unguarded\n"), err
 
 
+@pytest.mark.parametrize("linkage", LINKAGES)
 @pytest.mark.parametrize("how", ["argument conversion", "callback"])
-def test_fault_with_the_gil_held_is_not_recovered(built, how):
+def test_fault_with_the_gil_held_is_not_recovered(built, how, linkage):
     directory, names = built
     code = """
         import sys, ffiguard
@@ -370,7 +371,7 @@ def test_fault_with_the_gil_held_is_not_recovered(built, how):
             lib.api_run_cb(1)
         else:
             lib.api_point_sum(bad)  # the wrapper copies the struct, holding the GIL
-    """ % (directory, names["static"][0], how)
+    """ % (directory, names[linkage][0], how)
     rc, out, err = _run(code)
     assert (rc, out) == (-signal.SIGSEGV, "calling\n"), err
 

@@ -91,8 +91,8 @@ def unguarded():
                 reason = _failed[name]
             elif not everything.installed():
                 reason = _REASON_NOT_INSTALLED
-            else:
-                reason = "not guarded"
+            else:  # installed, but its import did not go through importlib's ExtensionFileLoader
+                reason = "imported in a way ffiguard did not see (not by importlib's ExtensionFileLoader)"
             result.append(UnguardedModule(name, _path(module), reason))
         return sorted(result)
 
