@@ -276,6 +276,21 @@ def test_def_extern_callbacks(mod):
     assert lib.api_add(1, 1) == 2
 
 
+def test_guard_by_hand_while_installed(mod):
+    # the module's builtins are guarded in place already: a guard() by hand makes its
+    # own GuardedFunctions for them, calling the same wrapper the same way
+    module = mod[0]
+    g = ffiguard.guard(module.ffi, module.lib, on_fault="raise")
+    assert g.api_add(1, 2) == 3
+    cell = module.ffi.new("int *", 11)
+    assert g.api_deref(int(module.ffi.cast("uintptr_t", cell))) == 11
+    with pytest.raises(ffiguard.SegmentationFault) as info:
+        g.api_deref(0x90)
+    assert (info.value.address, info.value.function) == (0x90, "api_deref")
+    assert for_cffi_compiled.mode(module.lib.api_deref) == \
+        ("got" if module.__name__.endswith("shared") else "wrapper")
+
+
 def test_guard_by_hand_uses_the_builtin(built):
     directory, names = built
     code = """
