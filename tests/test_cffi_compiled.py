@@ -197,6 +197,24 @@ def test_errno_after_a_fault(mod):
     assert ffi.errno == (errno.ENOENT if module.__name__.endswith("shared") else 0)
 
 
+def test_report_names_symbol_and_source_line(mod):
+    from ffiguard import symbolize
+    module, where = mod
+    with pytest.raises(ffiguard.SegmentationFault) as info:
+        module.lib.api_deref(0x98)
+    frames = symbolize.symbolize(info.value.frames)
+    assert frames[0].symbol == "api_deref" and _same(frames[0].library, where)
+    if frames[0].file is None:
+        pytest.skip("no DWARF line reader here (pyelftools / addr2line)")
+    source = "ffgapi_funcs.c" if module.__name__.endswith("shared") else module.__name__ + ".c"
+    line = next(i for i, text in enumerate(FUNCTIONS.splitlines(), 1) if "int api_deref(" in text)
+    if source != "ffgapi_funcs.c":  # the module's C: cffi's prelude comes first
+        line = None
+    assert os.path.basename(frames[0].file) == source
+    assert line is None or frames[0].line == line
+    assert "%s:%d\n" % (source, frames[0].line) in info.value.report()
+
+
 def test_fault_at_a_specialised_call_site(mod):
     # 3.11+ specialise a call site of a METH_O builtin to call its C function directly
     lib, ffi = mod[0].lib, mod[0].ffi
