@@ -178,10 +178,12 @@ typedef struct {
     vectorcallfunc vectorcall;
     int shield; /* shield (issue 13): lock shielded memory during its calls (default 1) */
     /* compiled cffi modules (issue 15): set when `wrapped` is a cffi lib's builtin, whose
-     * C function (cffi's wrapper, `target`) is called through `cffi_stub` (see below) */
+     * C function (cffi's wrapper) is called as `cffi_stub` (cffi_api.inc) */
     int cffi_flags;                 /* the builtin's own METH_O / METH_NOARGS / METH_VARARGS */
     PyObject *cffi_self;            /* its m_self (the Lib), passed to the wrapper */
-    uintptr_t cffi_stub;            /* the guard stub of the wrapper */
+    uintptr_t cffi_stub;            /* the wrapper's guard stub (whole-wrapper mode: `target`
+                                     * is the wrapper), or the wrapper itself (GOT mode:
+                                     * `target` is the foreign function its GOT slot reaches) */
     vectorcallfunc cffi_vectorcall; /* its own vectorcall (NULL for METH_VARARGS) */
 } GuardedFunction;
 
