@@ -65,6 +65,14 @@ def inside(ranges, address):
 # The workload: every way ctypes lets foreign code write Python-owned memory, and
 # callbacks. Returns a JSON-able result; also the ctypes objects it made.
 WORKLOAD = r'''
+try:
+    import cffi
+except ImportError:
+    cffi = None
+
+class Address(int):  # a cffi object's address, among the ctypes objects
+    pass
+
 class Utsname(ctypes.Structure):   # 390 bytes: kept in a separate (PyMem) buffer
     _fields_ = [(n, ctypes.c_char * 65) for n in
                 ("sysname", "nodename", "release", "version", "machine", "domain")]
@@ -122,6 +130,16 @@ def workload(made):
         ba = bytearray(100)
     libc.memset((ctypes.c_char * 100).from_buffer(ba), ord("q"), 50)
     out["bytearray"] = bytes(ba[:51]).decode("latin-1")
+    if cffi is not None:                                   # cffi ABI mode: ffi.new()
+        ffi = cffi.FFI()
+        ffi.cdef("int ffg_fill(int *out, int value); void *memset(void *, int, size_t);")
+        clib = ffiguard.guard(ffi, ffi.dlopen(CRASHERS_PATH))
+        clibc = ffiguard.guard(ffi, ffi.dlopen(None))
+        cint, cbuf = ffi.new("int *"), ffi.new("char[100]")  # malloc'd by cffi
+        clib.ffg_fill(cint, 9)
+        clibc.memset(cbuf, ord("c"), 99)
+        made.extend(Address(int(ffi.cast("uintptr_t", c))) for c in (cint, cbuf))
+        out["cffi"] = [cint[0], ffi.string(cbuf).decode()]
     return out
 '''
 
@@ -162,20 +180,23 @@ def test_unavailable_raises_with_the_reason():
 def test_workload_same_results():
     """out-parameters, byref, pointer, char** out, string buffers (small and large),
     structs by value (also results > 16 bytes, from_buffer_copy, a class made after
-    shield_interpreter(), written through byref), arrays, qsort with a Python comparator, callbacks, a 390-byte
-    struct out-parameter, c_char_p results: the same with shield_interpreter() as
-    without, and every ctypes object made lies outside the protected arenas while plain
-    objects made next to them lie inside."""
+    shield_interpreter(), written through byref), arrays, qsort with a Python
+    comparator, callbacks, a 390-byte struct out-parameter, c_char_p results, a
+    bytearray made in unprotected(), cffi's ffi.new() (ABI mode; malloc'd, never in
+    the arenas): the same with shield_interpreter() as without, and every ctypes object
+    made lies outside the protected arenas, while plain objects made just before lie
+    inside."""
     need_pkeys()
     rc, out, err = run_guest("""
         before = workload([])
         key = ffiguard.shield_interpreter()
         keep = fill()
+        plain = [int("7" * 40) for i in range(500)]
         made = []
         after = workload(made)
         ranges = tagged(key)
-        plain = [int("7" * 40) for i in range(20)]
-        addresses = [id(o) for o in made] + [ctypes.addressof(o) for o in made]
+        addresses = [int(o) if isinstance(o, Address) else a(o)
+                     for o in made for a in (id, ctypes.addressof)]
         print(json.dumps({"before": before, "after": after, "key": key,
                           "ctypes_inside": [hex(a) for a in addresses if inside(ranges, a)],
                           "plain_inside": sum(inside(ranges, id(o)) for o in plain),
@@ -204,7 +225,7 @@ def test_wild_write_into_a_python_object():
         key = ffiguard.shield_interpreter()
         keep = fill()
         ranges = tagged(key)
-        candidates = [int("1" * 40) for i in range(50)]
+        candidates = [int("1" * 40) for i in range(500)]
         x = next(c for c in candidates if inside(ranges, id(c)))
         digits = id(x) + 24  # ob_digit: after refcount, type, size (3.10-3.15)
         try:

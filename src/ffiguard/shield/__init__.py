@@ -238,10 +238,11 @@ def shield_interpreter():
 
     Covers pymalloc's arenas allocated from now on (objects of <= 512 bytes, 3.11+ frame
     stacks); arenas from before, larger objects and buffers from the C allocator stay
-    writable. ctypes objects (and cffi's ffi.new() of a cffi.FFI) are created outside
-    the protected arenas, so out-parameters, byref(), arrays and string buffers keep
-    working; use ``with ffiguard.shield.unprotected():`` for other memory foreign code
-    must write. Once on, it stays on for the process. Call it early: a thread that
+    writable. ctypes objects are created outside the protected arenas, so
+    out-parameters, byref(), arrays and string buffers keep working (cffi's ffi.new()
+    never uses the arenas: it allocates with malloc); use
+    ``with ffiguard.shield.unprotected():`` for other memory foreign code must write
+    (a bytearray handed to it through from_buffer, say). Once on, it stays on for the process. Call it early: a thread that
     existed before it gets the key opened on its first touch of a new arena (a fault the
     handler absorbs), but a system call made by such a thread into one (os.read into a
     new bytes object) fails with EFAULT until then.
@@ -260,7 +261,6 @@ def shield_interpreter():
         except RuntimeError as e:
             raise ShieldUnavailable(str(e)) from None
         _wrap_ctypes()
-        _wrap_cffi()
         _interpreter_key = key
     _install_classifier()
     return key
@@ -292,36 +292,11 @@ def _wrap_ctypes():
         bases.extend(type.__subclasses__(cls))
 
 
-def _wrap_cffi():
-    """cffi.FFI().new() (ABI mode, the objects ffiguard's cffi install makes) allocates
-    outside the protected arenas: its small cdata are out-parameters. A compiled
-    module's ffi (a C type) cannot be wrapped: use unprotected() around its new()."""
-    try:
-        import cffi.api
-    except ImportError:
-        return
-    cls = cffi.api.FFI
-    if getattr(cls.new, "_ffiguard_outside", False):
-        return
-    real = cls.new
-
-    def new(self, cdecl, init=None):
-        _core.shield_heap_outside(1)
-        try:
-            return real(self, cdecl, init)
-        finally:
-            _core.shield_heap_outside(-1)
-
-    new.__doc__, new.__name__, new.__wrapped__ = real.__doc__, real.__name__, real
-    new._ffiguard_outside = True
-    cls.new = new
-
-
 @contextlib.contextmanager
 def unprotected():
     """Objects this thread creates inside the block are allocated outside the arenas
-    shield_interpreter() protects (e.g. a compiled cffi module's ffi.new(), a bytearray
-    handed to foreign code that writes it). Harmless without shield_interpreter()."""
+    shield_interpreter() protects (e.g. a bytearray handed to foreign code that writes
+    it). Harmless without shield_interpreter()."""
     _core.shield_heap_outside(1)
     try:
         yield
