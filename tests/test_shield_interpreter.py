@@ -279,3 +279,44 @@ def test_doctor_reports_shield_interpreter():
     else:
         assert line[0].startswith("shield_interpreter: no: it needs protection keys, and "
                                   "this machine uses the mprotect fallback")
+
+
+def test_thread_older_than_the_key():
+    """A thread started before shield_interpreter() keeps running Python code on objects
+    in the new arenas (the handler opens the key for it on its first touch), and a
+    callback it runs from a guarded call works too."""
+    need_pkeys()
+    rc, out, err = run_guest("""
+        import threading
+        lib = ffiguard.CDLL(CRASHERS_PATH)
+        setup_signatures(lib)
+        go, done, result = threading.Event(), threading.Event(), {}
+
+        def worker():
+            go.wait()
+            try:
+                fresh = [o for o in shared if inside(ranges, id(o))]
+                before = [o["n"] for o in fresh[:50]]
+                for o in fresh[:50]:
+                    o["n"] += 1                  # writes into protected arenas
+                result["inc"] = [o["n"] - b for o, b in zip(fresh, before)] == [1] * 50
+                result["fresh"] = len(fresh) >= 50
+                result["cb"] = lib.ffg_call_callback(CALLBACK(lambda x: len(str(x * 2))), 500)
+                result["pkru"] = _core.shield_pkru() & (3 << (2 * key))
+            finally:
+                done.set()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        opened = _core.shield_stats()["opened"]
+        key = ffiguard.shield_interpreter()
+        keep = fill()
+        shared = [{"n": i} for i in range(2000)]
+        ranges = tagged(key)
+        go.set()
+        done.wait(500)
+        t.join()
+        print(json.dumps(result), _core.shield_stats()["opened"] > opened)
+    """)
+    assert rc == 0, err
+    assert out.splitlines()[-1] == '{"inc": true, "fresh": true, "cb": 5, "pkru": 0} True', out
