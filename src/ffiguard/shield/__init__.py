@@ -242,7 +242,8 @@ def shield_interpreter():
     out-parameters, byref(), arrays and string buffers keep working (cffi's ffi.new()
     never uses the arenas: it allocates with malloc); use
     ``with ffiguard.shield.unprotected():`` for other memory foreign code must write
-    (a bytearray handed to it through from_buffer, say). Once on, it stays on for the process. Call it early: a thread that
+    (a bytearray handed to it through from_buffer, say). Once on, it stays on for the
+    process. Call it early: a thread that
     existed before it gets the key opened on its first touch of a new arena (a fault the
     handler absorbs), but a system call made by such a thread into one (os.read into a
     new bytes object) fails with EFAULT until then.
