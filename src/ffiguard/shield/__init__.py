@@ -257,13 +257,15 @@ def shield_interpreter():
         ok, why = interpreter_availability()
         if not ok:
             raise ShieldUnavailable(why)
+        _install_classifier()  # a violation is a ProtectionKeyViolation from the start
+        # ctypes first: no ctypes object another thread makes may land in an arena
+        # under the key (the wrappers do nothing until the allocator hooks exist).
+        _wrap_ctypes()
         try:
             key = _core.shield_heap_enable()
         except RuntimeError as e:
             raise ShieldUnavailable(str(e)) from None
-        _wrap_ctypes()
         _interpreter_key = key
-    _install_classifier()
     return key
 
 
