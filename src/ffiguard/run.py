@@ -54,7 +54,8 @@ options (before the script or -m; what follows belongs to the program):
                        are guarded); the exit status and report stay
   --shield             shield the interpreter's heap (ffiguard.shield_interpreter()):
                        guarded calls cannot write Python objects made from then
-                       on; needs protection keys (refused, status 2, elsewhere)
+                       on; needs protection keys (refused, status 2, elsewhere);
+                       this process only, not --subprocesses' children
   --subprocesses       also guard Python subprocesses of the program: sets
                        FFIGUARD=1 (and FFIGUARD_SIGNALS/FFIGUARD_ON_FAULT) and
                        puts ffiguard's startup directory on PYTHONPATH for them
