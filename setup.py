@@ -30,6 +30,7 @@ core_sources = [
     "src/ffiguard/_core/stubs.c",
     "src/ffiguard/_core/shield.c",
     "src/ffiguard/_core/got.c",
+    "src/ffiguard/_core/shield_heap.c",
 ]
 core_macros = []
 if sys.platform.startswith("linux") and machine in ARCH_FILES:

@@ -133,6 +133,33 @@ def test_unshield_and_shield_false(crashers, shielded_buf):
     ffiguard.shield(shielded_buf)  # for the fixture's unshield
 
 
+def test_cffi_shield_false_per_library(shielded_buf):
+    """cffi: guard(ffi, lib, shield=False) and guard(lib, shield=False) (every function
+    of the library unlocked), also for a library guarded already (install()'s
+    ffi.dlopen): a new GuardedLibrary; the shielded one keeps locking."""
+    cffi = pytest.importorskip("cffi")
+    target = address_of(shielded_buf) + 8
+    ffi = cffi.FFI()
+    ffi.cdef("void ffg_write_at(size_t address, int value);")
+    raw = ffi.dlopen(ffiguard.crashers_path())
+    loose = ffiguard.guard(ffi, raw, shield=False)
+    assert not loose.ffg_write_at.__shield__
+    loose.ffg_write_at(target, 21)
+    assert shielded_buf[8] == 21
+    assert not ffiguard.guard(raw, shield=False).ffg_write_at.__shield__
+    tight = ffiguard.guard(ffi, raw)
+    assert ffiguard.guard(tight) is tight and ffiguard.guard(tight, shield=True) is tight
+    with pytest.raises(ffiguard.ProtectionKeyViolation):
+        tight.ffg_write_at(target, 1)
+    relaxed = ffiguard.guard(tight, shield=False)  # e.g. what install() guarded
+    assert relaxed is not tight and relaxed.__wrapped__ is raw
+    relaxed.ffg_write_at(target, 22)
+    assert shielded_buf[8] == 22
+    with pytest.raises(ffiguard.ProtectionKeyViolation):
+        tight.ffg_write_at(target, 2)
+    assert shielded_buf[8] == 22
+
+
 def test_bad_buffers():
     with pytest.raises(ValueError, match=r"whole pages .* 0x[0-9a-f]+-0x[0-9a-f]+ \(100 bytes\)"):
         ffiguard.shield(bytearray(100))

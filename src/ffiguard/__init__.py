@@ -37,7 +37,7 @@ from .policy import get_default_policy, release, set_default_policy
 from . import policy as _policy
 # shield mode: ffiguard.shield is the package and, called, shield(buffer, access=...)
 from . import shield
-from .shield import protected_buffer, unshield
+from .shield import protected_buffer, unshield, shield_interpreter, ShieldUnavailable
 from . import report as _report
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",
     # shield mode:
     "shield", "unshield", "protected_buffer", "ProtectionKeyViolation",
+    "shield_interpreter", "ShieldUnavailable",
     # isolate mode (loaded on first use):
     "IsolatedCDLL", "foreign_buffer", "foreign_new", "ForeignTimeout", "ForeignExit",
     "HelperDied", "HelperUnavailable", "StaleHandle",

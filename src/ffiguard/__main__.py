@@ -135,6 +135,8 @@ def doctor_lines() -> List[str]:
         add("  %-16s always (dladdr, and ELF .symtab/.dynsym read by ffiguard)" % "fallback")
         kind, reason = ffiguard.shield.mechanism()
         add("shield:          %s" % reason)
+        ok, why = ffiguard.shield.interpreter_availability()  # shield (issue 13)
+        add("shield_interpreter: %s%s" % ("yes: " if ok else "no: ", why))
         add("on_fault default: %s" % ffiguard.get_default_policy())
         add("stats:           %s" % ffiguard.stats())
     return lines

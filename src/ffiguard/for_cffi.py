@@ -67,10 +67,11 @@ def _symbol_name(address):
     return None
 
 
-def guard_function(fp, name=None, policy=None):
+def guard_function(fp, name=None, policy=None, shield=True):
     """A GuardedFunction calling the cffi function pointer `fp` (a cdata of a function
     type) through a guard stub. `name` is used in reports (default: the symbol at the
-    address if it is exactly one, else the type and address)."""
+    address if it is exactly one, else the type and address). `shield` (issue 13):
+    False keeps its calls from locking shielded memory."""
     if isinstance(fp, _core.GuardedFunction):
         return fp
     if not is_function_pointer(fp):
@@ -88,7 +89,7 @@ def guard_function(fp, name=None, policy=None):
         stubbed = fp
     if name is None:  # the symbol, else what it is: "<int(*)(int, int) at 0x7f...>"
         name = _symbol_name(target) or "<%s at %#x>" % (_backend.typeof(fp).cname, target)
-    return _core.GuardedFunction(stubbed, name, policy, target)
+    return _core.GuardedFunction(stubbed, name, policy, target, bool(shield))  # shield: issue 13
 
 
 def _find_ffi(lib):
@@ -118,11 +119,12 @@ class GuardedLibrary:
     out-of-line library: ``ffi.dlclose(lib.__wrapped__)``; ``ffi.dlclose(lib)`` works
     for ``cffi.FFI().dlopen`` libraries)."""
 
-    def __init__(self, ffi, lib, policy):
+    def __init__(self, ffi, lib, policy, shield=True):
         d = self.__dict__
         d["__wrapped__"] = lib
         d["_ffiguard_ffi"] = ffi
         d["_ffiguard_policy"] = policy
+        d["_ffiguard_shield"] = bool(shield)  # shield (issue 13): False: calls never lock
         # ABI mode: functions are cdata already; API mode: builtins, called by address.
         d["_ffiguard_inline"] = _is_inline_library(lib)
 
@@ -168,7 +170,8 @@ class GuardedLibrary:
         fp = self._ffiguard_function(name, value)
         if fp is None:
             return value
-        guarded = guard_function(fp, name, self.__dict__["_ffiguard_policy"])
+        guarded = guard_function(fp, name, self.__dict__["_ffiguard_policy"],
+                                 self.__dict__["_ffiguard_shield"])
         # setdefault is atomic: threads racing to guard `name` all get the first one
         return self.__dict__.setdefault(name, guarded)
 
@@ -207,30 +210,38 @@ class GuardedLibrary:
         return "<ffiguard.GuardedLibrary of %r>" % (self.__dict__["__wrapped__"],)
 
 
-def guard(obj, lib=None, *, on_fault=None, name=None):
-    """ffiguard.guard() for cffi objects: guard(lib), guard(ffi, lib), guard(function)."""
+def guard(obj, lib=None, *, on_fault=None, name=None, shield=None):
+    """ffiguard.guard() for cffi objects: guard(lib), guard(ffi, lib), guard(function).
+    shield=False (issue 13): the library's (or function's) calls never lock memory
+    shielded with ffiguard.shield() or shield_interpreter(); given for a library already
+    guarded (e.g. by install()), a new GuardedLibrary of the same library with it."""
     if _is_ffi(obj):
         if lib is None:
             raise TypeError("guard(ffi, lib): the library is missing")
-        return guard_library(obj, lib, on_fault=on_fault)
+        return guard_library(obj, lib, on_fault=on_fault, shield=shield)
     if lib is not None:
         raise TypeError("guard(ffi, lib) takes a cffi FFI first, not %s" % type(obj).__name__)
     if isinstance(obj, GuardedLibrary) or is_library(obj):
-        return guard_library(None, obj, on_fault=on_fault)
+        return guard_library(None, obj, on_fault=on_fault, shield=shield)
     if is_function_pointer(obj):
         policy = make_policy(name, on_fault) if on_fault is not None else None
-        return guard_function(obj, name, policy)
+        return guard_function(obj, name, policy, True if shield is None else shield)
     if isinstance(obj, _CData):
         raise TypeError("guard() takes a cffi function pointer, not <cdata '%s'>"
                         % _backend.typeof(obj).cname)
     raise TypeError("not a cffi object: %s" % type(obj).__name__)
 
 
-def guard_library(ffi, lib, on_fault=None, policy=None):
+def guard_library(ffi, lib, on_fault=None, policy=None, shield=None):
     """`lib` (from ffi.dlopen(), or a compiled module's lib) as a GuardedLibrary.
-    on_fault: "raise", "quarantine", "exit", or None (the global default)."""
+    on_fault: "raise", "quarantine", "exit", or None (the global default). shield
+    (issue 13; default True): False keeps its calls from locking shielded memory."""
     if isinstance(lib, GuardedLibrary):
-        return lib
+        d = lib.__dict__
+        if shield is None or bool(shield) == d["_ffiguard_shield"]:  # shield (issue 13)
+            return lib
+        return GuardedLibrary(ffi if ffi is not None else d["_ffiguard_ffi"], d["__wrapped__"],
+                              d["_ffiguard_policy"], shield)
     if not is_library(lib):
         raise TypeError("guard(ffi, lib) takes a cffi library (from ffi.dlopen() or a compiled "
                         "module's lib), not %s" % type(lib).__name__)
@@ -239,4 +250,4 @@ def guard_library(ffi, lib, on_fault=None, policy=None):
     _check_supported()
     if policy is None:
         policy = make_policy(_library_name(lib), on_fault)
-    return GuardedLibrary(ffi, lib, policy)
+    return GuardedLibrary(ffi, lib, policy, True if shield is None else shield)

@@ -52,6 +52,10 @@ options (before the script or -m; what follows belongs to the program):
                        every guarded library (see ffiguard.set_default_policy)
   --no-install         do not guard every library (only ffiguard.CDLL and friends
                        are guarded); the exit status and report stay
+  --shield             shield the interpreter's heap (ffiguard.shield_interpreter()):
+                       guarded calls cannot write Python objects made from then
+                       on; needs protection keys (refused, status 2, elsewhere);
+                       this process only, not --subprocesses' children
   --subprocesses       also guard Python subprocesses of the program: sets
                        FFIGUARD=1 (and FFIGUARD_SIGNALS/FFIGUARD_ON_FAULT) and
                        puts ffiguard's startup directory on PYTHONPATH for them
@@ -64,9 +68,10 @@ _TRUE_OFF = ("", "0", "no", "false", "off")
 # ---- switching guarding on (shared by run, the environment variable, the plugin) --------
 
 
-def activate(signals=None, on_fault=None, install=True):
+def activate(signals=None, on_fault=None, install=True, shield=False):
     """Import ffiguard, trap `signals` (a spec like "SEGV,BUS", or None for all), set
-    the default on_fault policy, and guard every library loaded from now on."""
+    the default on_fault policy, and guard every library loaded from now on; with
+    `shield`, ffiguard.shield_interpreter() too (ShieldUnavailable where it cannot)."""
     import ffiguard
     from ffiguard import signals as _signals
 
@@ -76,6 +81,8 @@ def activate(signals=None, on_fault=None, install=True):
         ffiguard.set_default_policy(on_fault)
     if install:
         ffiguard.install()
+    if shield:  # shield (issue 13): run --shield
+        ffiguard.shield_interpreter()
     return ffiguard
 
 
@@ -182,7 +189,7 @@ class TargetError(Exception):
 def parse(argv):
     """Split `run`'s arguments: (options dict, "script"|"module", target, program args)."""
     opts = {"signals": None, "on_fault": None, "install": True, "subprocesses": False,
-            "help": False}
+            "help": False, "shield": False}
     valued = {"--signals": "signals", "--on-fault": "on_fault"}
     i = 0
     while i < len(argv):
@@ -192,6 +199,8 @@ def parse(argv):
             return opts, None, None, []
         if arg == "--no-install":
             opts["install"] = False
+        elif arg == "--shield":  # shield (issue 13)
+            opts["shield"] = True
         elif arg == "--subprocesses":
             opts["subprocesses"] = True
         elif arg.split("=", 1)[0] in valued:
@@ -381,7 +390,7 @@ def main(argv):
             # python -m: argv[0] is "-m" while the module is looked up
             sys.argv = ["-m"] + list(args)
             # guard before the module's package is imported: that import is the program's
-            activate(opts["signals"], opts["on_fault"], opts["install"])
+            activate(opts["signals"], opts["on_fault"], opts["install"], opts["shield"])
             code, attrs = _module(target)
             sys.argv[0] = attrs["__file__"]
         else:
@@ -391,10 +400,16 @@ def main(argv):
             elif attrs["__spec__"] is not None:  # a directory or zip always goes first
                 sys.path.insert(0, path0)
             sys.argv = [argv0] + list(args)
-            activate(opts["signals"], opts["on_fault"], opts["install"])
+            activate(opts["signals"], opts["on_fault"], opts["install"], opts["shield"])
     except TargetError as e:
         sys.stderr.write("%s: %s\n" % (sys.executable, e))
         return e.status
+    except RuntimeError as e:  # shield (issue 13): --shield where it cannot work
+        from ffiguard import ShieldUnavailable
+        if not isinstance(e, ShieldUnavailable):
+            raise
+        sys.stderr.write("python -m ffiguard run: error: --shield: %s\n" % e)
+        return 2
     except SyntaxError as e:
         e.__traceback__ = None  # as python: the error alone, no traceback lines; status 1
         sys.excepthook(type(e), e, None)

@@ -63,10 +63,12 @@ static int ffg_shield_mechanism = -1;        /* -1 unknown, else FFG_SHIELD_PKEY
 #ifdef FFG_ARCH_HAS_PKEYS
 static int ffg_shield_key_ro = FFG_NO_KEY;   /* pkey of "read-only" regions */
 static int ffg_shield_key_none = FFG_NO_KEY; /* pkey of "none" regions */
+static int ffg_shield_key_heap = FFG_NO_KEY; /* pkey of the interpreter's arenas (shield_heap.c) */
 static uint32_t ffg_shield_ours;             /* both PKRU bits of both keys */
 static uint32_t ffg_shield_pkru_offset;      /* PKRU in the signal frame's XSAVE area */
 #endif
 static int ffg_shield_fallback_depth;        /* fallback: shielded calls running; under lock */
+static int ffg_shield_heap_on;               /* shield_interpreter() done; under lock */
 static uint64_t ffg_shield_opened;           /* handler: keys opened for a thread (atomic) */
 static uint64_t ffg_shield_lifted_count;     /* handler: fallback regions lifted (atomic) */
 static char ffg_shield_reason[160];          /* why this mechanism */
@@ -124,6 +126,10 @@ static int ffg_shield_alloc_key(int *key)
     if (ffg_shield_key_none != FFG_NO_KEY) {
         ours |= (FFG_PKRU_AD | FFG_PKRU_WD) << (FFG_PKRU_BITS_PER_KEY * ffg_shield_key_none);
         lockbits |= FFG_PKRU_AD << (FFG_PKRU_BITS_PER_KEY * ffg_shield_key_none);
+    }
+    if (ffg_shield_key_heap != FFG_NO_KEY) { /* the interpreter's arenas: write-disabled */
+        ours |= (FFG_PKRU_AD | FFG_PKRU_WD) << (FFG_PKRU_BITS_PER_KEY * ffg_shield_key_heap);
+        lockbits |= FFG_PKRU_WD << (FFG_PKRU_BITS_PER_KEY * ffg_shield_key_heap);
     }
     /* The handler reads ffg_shield_ours; the thunk the other two. A call that starts
      * meanwhile uses the old or the new pair: both lock what was shielded before. */
@@ -275,6 +281,31 @@ void ffg_shield_before_chain(void)
 #endif
 }
 
+/* ---- the interpreter's heap (shield_heap.c; normal context) ------------------------ */
+
+int ffg_shield_heap_key(char *why, size_t why_size)
+{
+    int key = FFG_NO_KEY;
+    pthread_mutex_lock(&ffg_shield_lock);
+    int mech = ffg_shield_detect();
+#ifdef FFG_ARCH_HAS_PKEYS
+    if (mech == FFG_SHIELD_PKEYS) {
+        if (ffg_shield_alloc_key(&ffg_shield_key_heap) == 0) {
+            key = ffg_shield_key_heap;
+            ffg_shield_heap_on = 1;
+            __atomic_store_n(&ffg_shield_mode, FFG_SHIELD_PKEYS, __ATOMIC_RELEASE);
+        } else {
+            snprintf(why, why_size, "pkey_alloc failed (%s): all 15 protection keys are taken",
+                     strerror(errno));
+        }
+    }
+#endif
+    if (mech != FFG_SHIELD_PKEYS)
+        snprintf(why, why_size, "%s", ffg_shield_reason);
+    pthread_mutex_unlock(&ffg_shield_lock);
+    return key;
+}
+
 /* ---- Python functions (normal context) ---------------------------------------------- */
 
 static PyObject *ffg_shield_m_mechanism(PyObject *m, PyObject *noargs)
@@ -374,7 +405,7 @@ static PyObject *ffg_shield_m_remove(PyObject *m, PyObject *args)
     int i = ffg_shield_find(start, length), err = 0;
     if (i >= 0) {
         __atomic_store_n(&ffg_shield_regions[i].used, 0, __ATOMIC_RELEASE);
-        if (--ffg_shield_nregions == 0)
+        if (--ffg_shield_nregions == 0 && !ffg_shield_heap_on)
             __atomic_store_n(&ffg_shield_mode, FFG_SHIELD_OFF, __ATOMIC_RELEASE);
 #ifdef FFG_ARCH_HAS_PKEYS
         if (ffg_shield_mechanism == FFG_SHIELD_PKEYS &&
@@ -514,5 +545,6 @@ PyMethodDef ffg_shield_methods[] = {
     {"shield_fault_pkey", ffg_shield_m_fault_pkey, METH_NOARGS,
      "the pkey of this thread's last recovered protection-key fault (consumed), or None"},
     {"shield_stats", ffg_shield_m_stats, METH_NOARGS, "{'opened': n, 'lifted': n, 'mode': m}"},
+    FFG_SHIELD_HEAP_METHODS /* shield_heap.c */
     {NULL, NULL, 0, NULL},
 };

@@ -38,6 +38,29 @@ uintptr_t ffg_shield_resume(const struct ffg_frame *f);
  * heap). */
 void ffg_shield_before_chain(void);
 
+/* shield_heap.c (shield_interpreter): a key for the interpreter's arenas, allocated
+ * once, write-disabled with the others during shielded calls; FFG_SHIELD_MODE stays on
+ * from then. The key, or -1 with the reason in `why`. Normal context. */
+int ffg_shield_heap_key(char *why, size_t why_size);
+
+/* shield_heap.c's Python functions, in ffg_shield_methods. */
+PyObject *ffg_shield_heap_m_enable(PyObject *m, PyObject *args);
+PyObject *ffg_shield_heap_m_wrap_new(PyObject *m, PyObject *type);
+PyObject *ffg_shield_heap_m_outside(PyObject *m, PyObject *delta);
+PyObject *ffg_shield_heap_m_stats(PyObject *m, PyObject *noargs);
+#define FFG_SHIELD_HEAP_METHODS                                                              \
+    {"shield_heap_enable", ffg_shield_heap_m_enable, METH_VARARGS,                         \
+     "shield_heap_enable() -> pkey: the interpreter's new arenas under a write-disabled "  \
+     "key (raises RuntimeError with the reason where impossible)"},                         \
+    {"shield_heap_wrap_new", ffg_shield_heap_m_wrap_new, METH_VARARGS,                      \
+     "shield_heap_wrap_new(ctypes type, meta=False): its instances are allocated outside " \
+     "the arenas; meta: the classes a ctypes metatype makes from now on are"},              \
+    {"shield_heap_outside", ffg_shield_heap_m_outside, METH_O,                              \
+     "shield_heap_outside(+1 | -1): this thread's allocations go outside the arenas "      \
+     "while the count is positive; returns the new count"},                                 \
+    {"shield_heap_stats", ffg_shield_heap_m_stats, METH_NOARGS,                             \
+     "{'key': k, 'arenas': tagged, 'untagged': n, 'outside': allocations moved}"},
+
 /* module.c: the Python functions (shield_*), added to ffiguard._core. */
 extern PyMethodDef ffg_shield_methods[];
 

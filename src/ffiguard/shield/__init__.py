@@ -14,19 +14,27 @@ two register writes per call and no system call; without them (most VMs, AArch64
 shielded call mprotects every shielded region twice: correct, slow, and process-wide
 (see the README, "shield"). Not a security boundary: native code can change its own
 PKRU, and system calls (read(2), /proc/self/mem) ignore both mechanisms.
+
+``ffiguard.shield_interpreter()`` (protection keys only) puts the interpreter's own
+small-object heap under a key too: see shield_interpreter() and the README.
 """
+import contextlib
 import ctypes
 import mmap
+import os
+import signal
 import sys
+import sysconfig
 import threading
 import types
 
 from .. import _core
 from .. import faults as _faults
-from ..faults import ProtectionKeyViolation
+from ..faults import ProtectionKeyViolation, UnsupportedPlatform
 
 __all__ = ["shield", "unshield", "protected_buffer", "shielded", "callback", "mechanism",
-           "ProtectionKeyViolation", "ACCESS"]
+           "ProtectionKeyViolation", "ACCESS", "shield_interpreter", "interpreter_shielded",
+           "interpreter_availability", "unprotected", "ShieldUnavailable"]
 
 ACCESS = {"read-only": 1, "none": 2}  # -> shield.c's enum ffg_shield_access
 PAGE = mmap.PAGESIZE
@@ -176,6 +184,127 @@ def _classify(record):
 
 def _install_classifier():
     _faults.shield_classify = _classify
+
+
+# ---- the interpreter's heap: shield_interpreter() -------------------------------------
+
+
+class ShieldUnavailable(UnsupportedPlatform):
+    """shield_interpreter() cannot work on this machine or interpreter; the message (also
+    ``reason``) says why."""
+
+    def __init__(self, reason):
+        super().__init__("ffiguard.shield_interpreter() is not available: %s" % reason)
+        self.reason = reason
+
+
+# PYTHONMALLOC values whose small objects do not come from pymalloc's arenas.
+_NOT_PYMALLOC = ("malloc", "malloc_debug", "mimalloc", "mimalloc_debug")
+
+_interpreter_key = None
+_interpreter_lock = threading.Lock()
+
+
+def interpreter_availability():
+    """(True, how) if shield_interpreter() can work here, else (False, why not)."""
+    if _interpreter_key is not None:
+        return True, "on: the interpreter's arenas since then have protection key %d" % (
+            _interpreter_key,)
+    if not _core.SUPPORTED:
+        return False, "ffiguard does not support this architecture (%s)" % _core.ARCH
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return False, ("this is a free-threaded build: its objects live in mimalloc heaps, "
+                       "which have no arena allocator hook to put under a protection key")
+    if not sysconfig.get_config_var("WITH_PYMALLOC"):
+        return False, "this interpreter is built without pymalloc (no small-object arenas)"
+    env = "" if sys.flags.ignore_environment else os.environ.get("PYTHONMALLOC", "")
+    if env in _NOT_PYMALLOC:
+        return False, ("PYTHONMALLOC=%s: small objects do not come from pymalloc's arenas"
+                       % env)
+    from .. import signals as _signals
+    if int(signal.SIGSEGV) not in {int(s) for s in _signals.TRAPPED}:
+        return False, ("ffiguard does not trap SIGSEGV (signals.select()): its handler "
+                       "opens the interpreter's key for threads older than it")
+    kind, reason = mechanism()
+    if kind != "pkeys":
+        return False, ("it needs protection keys, and this machine uses the %s" % reason)
+    return True, "available (%s)" % reason
+
+
+def shield_interpreter():
+    """Put the interpreter's small-object heap under a protection key that guarded
+    foreign calls (with shield on) cannot write: a wild write into a Python object
+    raises ProtectionKeyViolation instead of corrupting it. Returns the key.
+
+    Covers pymalloc's arenas allocated from now on (objects of <= 512 bytes, 3.11+ frame
+    stacks); arenas from before, larger objects and buffers from the C allocator stay
+    writable. ctypes objects are created outside the protected arenas, so
+    out-parameters, byref(), arrays and string buffers keep working (cffi's ffi.new()
+    never uses the arenas: it allocates with malloc); use
+    ``with ffiguard.shield.unprotected():`` for other memory foreign code must write
+    (a bytearray handed to it through from_buffer, say). Once on, it stays on for the
+    process. Call it early: a thread that
+    existed before it gets the key opened on its first touch of a new arena (a fault the
+    handler absorbs), but a system call made by such a thread into one (os.read into a
+    new bytes object) fails with EFAULT until then.
+
+    Needs protection keys (x86-64 with PKU), pymalloc, and a build with a GIL:
+    ShieldUnavailable (a RuntimeError) says which is missing."""
+    global _interpreter_key
+    with _interpreter_lock:
+        if _interpreter_key is not None:
+            return _interpreter_key
+        ok, why = interpreter_availability()
+        if not ok:
+            raise ShieldUnavailable(why)
+        _install_classifier()  # a violation is a ProtectionKeyViolation from the start
+        # ctypes first: no ctypes object another thread makes may land in an arena
+        # under the key (the wrappers do nothing until the allocator hooks exist).
+        _wrap_ctypes()
+        try:
+            key = _core.shield_heap_enable()
+        except RuntimeError as e:
+            raise ShieldUnavailable(str(e)) from None
+        _interpreter_key = key
+    return key
+
+
+def interpreter_shielded():
+    """The interpreter's key if shield_interpreter() is on, else None."""
+    return _interpreter_key
+
+
+def _wrap_ctypes():
+    """ctypes' data types (every subclass that exists; later ones get it from the
+    metatypes) create their objects outside the protected arenas: inline values and
+    small buffers that foreign code writes through byref(), pointers and arrays."""
+    bases = [ctypes._SimpleCData, ctypes.Structure, ctypes.Union, ctypes.Array,
+             ctypes._Pointer, ctypes._CFuncPtr]
+    for meta in {type(b) for b in bases}:
+        _core.shield_heap_wrap_new(meta, True)  # the classes it makes from now on
+    seen = set()
+    while bases:
+        cls = bases.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        try:
+            _core.shield_heap_wrap_new(cls)
+        except TypeError:
+            pass  # a subclass that cannot be instantiated (abstract): nothing to move
+        bases.extend(type.__subclasses__(cls))
+
+
+@contextlib.contextmanager
+def unprotected():
+    """Objects this thread creates inside the block are allocated outside the arenas
+    shield_interpreter() protects (e.g. a bytearray handed to foreign code that writes
+    it). Harmless without shield_interpreter()."""
+    _core.shield_heap_outside(1)
+    try:
+        yield
+    finally:
+        _core.shield_heap_outside(-1)
 
 
 class _ShieldModule(types.ModuleType):
