@@ -432,3 +432,37 @@ def test_quarantine_and_release(built):
     assert rc == 0, err
     assert out.splitlines() == ["quarantined: _ffgapi_shared is quarantined after a fault: api_add not "
                                 "called (release the library to call it again)", "ok"]
+
+
+def test_module_placed_in_a_package_is_guarded(tmp_path):
+    # set_source("_ffgpkg_mod") built into a package and imported as ffgpkg._ffgpkg_mod,
+    # as PyNaCl's nacl._sodium is: its lib is named "_ffgpkg_mod.lib", not after the
+    # module's full name. A module that only imported that lib is not taken for it.
+    package = tmp_path / "ffgpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "user.py").write_text("from ._ffgpkg_mod import ffi, lib\n")
+    ffi = cffi.FFI()
+    ffi.cdef("int pkg_deref(uintptr_t address);")
+    ffi.set_source("_ffgpkg_mod", "#include <stdint.h>\n"
+                   "int pkg_deref(uintptr_t a) { return *(volatile int *)a; }\n")
+    c_file = str(package / "_ffgpkg_mod.c")
+    ffi.emit_c_code(c_file)
+    _cc(["-shared", "-fPIC", "-O1", "-I" + sysconfig.get_paths()["include"], c_file,
+         "-o", str(package / ("_ffgpkg_mod" + sysconfig.get_config_var("EXT_SUFFIX")))])
+    sys.path.insert(0, str(tmp_path))
+    ffiguard.install()
+    try:
+        from ffgpkg import _ffgpkg_mod, user
+        assert _ffgpkg_mod.lib.__name__ == "_ffgpkg_mod.lib"
+        assert "ffgpkg._ffgpkg_mod" in ffiguard.guarded_modules()
+        assert "ffgpkg.user" not in ffiguard.guarded_modules()
+        assert all(u.name != "ffgpkg.user" for u in ffiguard.unguarded())
+        with pytest.raises(ffiguard.SegmentationFault) as info:
+            user.lib.pkg_deref(0x48)
+        assert (info.value.address, info.value.function) == (0x48, "pkg_deref")
+    finally:
+        ffiguard.uninstall()
+        sys.path.remove(str(tmp_path))
+        for name in ("ffgpkg", "ffgpkg.user", "ffgpkg._ffgpkg_mod"):
+            sys.modules.pop(name, None)

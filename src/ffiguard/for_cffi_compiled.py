@@ -51,10 +51,19 @@ def _compiled_modules():
 
 
 def _own_lib(module, lib):
-    """The module made this lib (its name is "<module>.lib"), rather than imported it
-    (``from _foo import ffi, lib`` in some other module)."""
+    """The module made this lib, rather than imported it (``from _foo import ffi, lib``
+    in some other module): the lib is named "<name>.lib" after the module name given to
+    ``set_source()``, which is the module's own name or, for a module placed inside a
+    package (PyNaCl's ``set_source("_sodium", ...)`` imported as ``nacl._sodium``), its
+    last part."""
     try:
-        return getattr(lib, "__name__", None) == getattr(module, "__name__", None) + ".lib"
+        lib_name = getattr(lib, "__name__", None)
+        mod_name = getattr(module, "__name__", None)
+        if not isinstance(lib_name, str) or not isinstance(mod_name, str) \
+                or not lib_name.endswith(".lib"):
+            return False
+        made_as = lib_name[:-len(".lib")]
+        return mod_name == made_as or mod_name.endswith("." + made_as)
     except Exception:
         return False
 
