@@ -466,3 +466,23 @@ def test_module_placed_in_a_package_is_guarded(tmp_path):
         sys.path.remove(str(tmp_path))
         for name in ("ffgpkg", "ffgpkg.user", "ffgpkg._ffgpkg_mod"):
             sys.modules.pop(name, None)
+
+
+def test_shield_false_per_library(mod):
+    # shield (issue 13): a compiled module's functions lock shielded memory like any
+    # guarded function; guard(ffi, lib, shield=False) gives a library whose calls don't
+    import ctypes
+    module = mod[0]
+    buf = ffiguard.protected_buffer(4096, access="none")
+    buf[16:20] = (1234).to_bytes(4, "little")  # Python code: unaffected
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + 16
+    loose = ffiguard.guard(module.ffi, module.lib, shield=False)
+    try:
+        with pytest.raises(ffiguard.ProtectionKeyViolation) as info:
+            module.lib.api_deref(address)
+        assert info.value.address == address
+        assert not loose.api_deref.__shield__
+        assert loose.api_deref(address) == 1234
+        assert ffiguard.guard(module.ffi, module.lib).api_deref.__shield__
+    finally:
+        ffiguard.unshield(buf)

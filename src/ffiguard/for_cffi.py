@@ -165,7 +165,8 @@ class GuardedLibrary:
         if isinstance(value, _BUILTIN) and _core.cffi_target(value) is not None:
             # API mode: the builtin's own C function (cffi's wrapper) called guarded
             from .for_cffi_compiled import guard_builtin
-            guarded = guard_builtin(value, name, self.__dict__["_ffiguard_policy"])
+            guarded = guard_builtin(value, name, self.__dict__["_ffiguard_policy"],
+                                    self.__dict__["_ffiguard_shield"])
             return self.__dict__.setdefault(name, guarded)
         fp = self._ffiguard_function(name, value)
         if fp is None:

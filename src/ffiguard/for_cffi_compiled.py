@@ -109,7 +109,7 @@ def unguarded():
 # ---- the mechanism ------------------------------------------------------------------
 
 _BUILTIN = type(len)
-_made = {}  # (builtin, policy) -> its GuardedFunction (kept: see cffi_api.inc)
+_made = {}  # (builtin, policy, shield) -> its GuardedFunction (kept: see cffi_api.inc)
 _policies = {}  # (module name, on_fault) -> the module's policy
 _policy_in_use = {}  # module name -> the policy of its installation now
 
@@ -168,14 +168,17 @@ def _got_target(wrapper, name):
     return real
 
 
-def guard_builtin(builtin, name, policy):
+def guard_builtin(builtin, name, policy, shield=True):
     """A GuardedFunction calling the compiled cffi function `builtin` (lib.f) guarded.
     GOT mode where the module calls the C function `name` through GOT slots: the
     wrapper is called directly and the function, through its stub in the slots, is
     armed; whole-wrapper mode otherwise: cffi's wrapper is called through its own stub
-    (docs/design.md, "Compiled cffi modules"). Made once per builtin and policy."""
+    (docs/design.md, "Compiled cffi modules"). shield=False: its calls never lock
+    memory shielded with ffiguard.shield() or shield_interpreter(). Made once per
+    builtin, policy and shield."""
     from .for_ctypes import _stub_for
-    key = (builtin, policy)
+    shield = bool(shield)
+    key = (builtin, policy, shield)
     gf = _made.get(key)
     if gf is None:
         with _lock:
@@ -186,10 +189,10 @@ def guard_builtin(builtin, name, policy):
                     raise TypeError("%r is not a compiled cffi module's function" % (builtin,))
                 real = _got_target(wrapper, name)
                 if real is not None:
-                    gf = _core.cffi_guard(builtin, name, policy, wrapper, real)
+                    gf = _core.cffi_guard(builtin, name, policy, wrapper, real, shield)
                     _modes[builtin] = "got"
                 else:
-                    gf = _core.cffi_guard(builtin, name, policy, _stub_for(wrapper))
+                    gf = _core.cffi_guard(builtin, name, policy, _stub_for(wrapper), None, shield)
                     _modes[builtin] = "wrapper"
                 _made[key] = gf
     return gf

@@ -339,7 +339,7 @@ static PyMethodDef ffg_methods[] = {
     /* compiled cffi modules (issue 15): cffi_api.inc */
     {"cffi_target", ffg_m_cffi_target, METH_O, "cffi_target(builtin) -> its C function's address, or None"},
     {"cffi_guard", ffg_m_cffi_guard, METH_VARARGS,
-     "cffi_guard(builtin, name, policy, stub) -> GuardedFunction calling the builtin's C function guarded"},
+     "cffi_guard(builtin, name, policy, stub, got_target=None, shield=True) -> GuardedFunction calling the builtin's C function guarded"},
     {"cffi_patch", ffg_m_cffi_patch, METH_VARARGS,
      "cffi_patch(guarded, on=True): guard its builtin in place (on=False: put it back)"},
     {"cffi_patched", ffg_m_cffi_patched, METH_O, "cffi_patched(builtin) -> its GuardedFunction if guarded in place"},
