@@ -360,9 +360,6 @@ def _message(exc):
     parts.append("in " + where if symbol else "at " + where)
     if exc.function:
         parts.append("during call to %s" % exc.function)
-    text = exc.abort_message if signum == _signal.SIGABRT else None
-    if text:
-        parts.append("(glibc: %s)" % text.splitlines()[0])
     return " ".join(parts)
 
 

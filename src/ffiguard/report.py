@@ -239,6 +239,8 @@ def notes(exc):
         frames = _frames(exc)
         lines = ["Native backtrace of %s, innermost first (%s):" % (format_call(exc), _backend_label())]
         lines += _backtrace_lines(frames, NOTE_FRAMES)
+        if getattr(exc, "abort_message", None):
+            lines.append("The C library's message before aborting: " + exc.abort_message)
         text = suspect_text(exc)
         if text:
             lines.append("Suspect state: " + text)
