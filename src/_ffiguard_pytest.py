@@ -35,11 +35,13 @@ def _wanted(namespace):
 def _from_run():
     """Under `python -m ffiguard run`: it sets FFIGUARD_RUN to its own pid. This pytest
     process (that pid) and the pytest-xdist workers it starts (they inherit the
-    variable, and xdist sets PYTEST_XDIST_WORKER) switch the plugin on."""
+    variable, xdist sets PYTEST_XDIST_WORKER, and their parent is that pid) switch the
+    plugin on; a pytest the program starts as a subprocess, and its workers, do not."""
     import os
 
     value = os.environ.get("FFIGUARD_RUN")
-    return bool(value) and (value == str(os.getpid()) or "PYTEST_XDIST_WORKER" in os.environ)
+    return bool(value) and (value == str(os.getpid()) or (
+        "PYTEST_XDIST_WORKER" in os.environ and value == str(os.getppid())))
 
 
 def _activate(config, namespace, from_run=False):
