@@ -29,6 +29,7 @@ core_sources = [
     "src/ffiguard/_core/chain.c",
     "src/ffiguard/_core/stubs.c",
     "src/ffiguard/_core/shield.c",
+    "src/ffiguard/_core/got.c",
 ]
 core_macros = []
 if sys.platform.startswith("linux") and machine in ARCH_FILES:
@@ -96,7 +97,7 @@ setup(
             sources=core_sources,
             define_macros=core_macros,
             # Headers: rebuilt when they change, and shipped in an sdist.
-            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/core.h", "src/ffiguard/_core/pyhost.h",
+            depends=["src/ffiguard/_core/state.h", "src/ffiguard/_core/core.h", "src/ffiguard/_core/cffi_api.inc", "src/ffiguard/_core/pyhost.h",
                      "src/ffiguard/_core/shield.h", "src/ffiguard/_core/arch/x86_64.h",
                      "src/ffiguard/_core/arch/aarch64.h", "src/ffiguard/_core/arch/none.h"],
             extra_compile_args=WARN + ["-fno-strict-aliasing"] + ALIGN + ARCH_FLAGS + OURS,

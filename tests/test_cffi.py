@@ -632,7 +632,8 @@ def test_benchmark_cffi_rows():
     rows = {r["name"]: r for r in result["calls"]}
     assert rows["cffi ffg_noop()"]["goal"] is True
     assert "cffi ffg_add(1, 2)" in rows
-    assert "cffi API-mode ffg_add(1, 2) (guarded: by address)" in rows
+    assert rows["cffi API-mode ffg_add(1, 2)"]["goal"] == bench.GOAL_ADDED_ONLY
+    assert "cffi API-mode ffg_add(1, 2) (guard(ffi, lib))" in rows
     assert [s for s in result["skipped"] if s.startswith("cffi")] == []
     assert any(g["what"].startswith("cffi ffg_noop()") for g in result["goals"])
     assert "cffi ffg_noop()" in bench.format_table(result)

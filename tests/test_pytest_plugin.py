@@ -71,7 +71,7 @@ def test_faulting_tests_fail_with_the_report_and_the_run_goes_on(suite):
         "ffiguard: 2 tests faulted in foreign code (SIGABRT: 1, SIGSEGV: 1)"])
     result.stdout.fnmatch_lines([
         "ffiguard *: on (trapping SIGSEGV,SIGBUS,SIGILL,SIGFPE,SIGABRT): libraries loaded "
-        "through ctypes and cffi's ABI mode are guarded; compiled cffi modules (API mode): *"])
+        "through ctypes and cffi and compiled cffi modules are guarded (what is not: below)"])
     # the end of the session says what was guarded: the crashers library, its functions
     result.stdout.fnmatch_lines(["ffiguard: guarded: 1 library, * functions: _crashers*"
                                  " (ffg_abort, ffg_add, ffg_assert_positive and * more)"])
@@ -81,7 +81,7 @@ def test_faulting_tests_fail_with_the_report_and_the_run_goes_on(suite):
 UNGUARDED_CONFTEST = r'''
 import collections, ffiguard
 Unguarded = collections.namedtuple("UnguardedModule", "name path reason")
-# what ffiguard.unguarded() answers once compiled cffi modules are handled (issue 15)
+# what ffiguard.unguarded() answers for a module it could not guard
 ffiguard.unguarded = lambda: [Unguarded("fakepkg._native", "/x/_native.so",
                                         "imported before ffiguard was installed")]
 '''
@@ -96,30 +96,6 @@ def test_header_and_summary_name_what_is_not_guarded(pytester):
     assert lines.count("ffiguard: NOT guarded: 1 module imported unguarded: fakepkg._native "
                        "(imported before ffiguard was installed)") == 2   # header and end
     assert "ffiguard: guarded: no library loaded through ctypes/cffi yet" in lines
-
-
-def test_compiled_cffi_modules_listed_unguarded_without_the_mechanism():
-    # the fallback used until ffiguard.unguarded() exists: a module with a
-    # _cffi_backend.FFI `ffi` and a _cffi_backend.Lib `lib` is listed, with the reason
-    pytest.importorskip("_cffi_backend")
-    from conftest import run_python
-
-    rc, out, err = run_python("""
-        import _cffi_backend, types
-        mod = types.ModuleType("fakepkg._api")
-        mod.ffi = _cffi_backend.FFI()
-        mod.lib = mod.ffi.dlopen(None)   # before install: a plain _cffi_backend.Lib
-        sys.modules["fakepkg._api"] = mod
-        import ffiguard
-        from ffiguard import inventory
-        if hasattr(ffiguard, "unguarded"):
-            print("mechanism present")
-        else:
-            print(inventory.unguarded())
-    """)
-    assert rc == 0, err
-    assert out.strip() in ("mechanism present", "[('fakepkg._api', None, 'compiled cffi "
-                                                 "module (API mode): not guarded')]")
 
 
 UNRAISABLE_TESTS = SIGNATURES_SRC + r'''
@@ -176,3 +152,33 @@ def test_without_the_option_a_segfault_kills_the_run(suite):
     out = result.stdout.str()
     assert "guarded" not in out and "faulted" not in out and " passed" not in out
     assert "Fatal Python error: Segmentation fault" in result.stderr.str()
+
+
+COMPILED_TESTS = r'''
+import sys
+sys.path.insert(0, %r)
+from %s import lib   # a compiled cffi module, imported by the test module: guarded
+
+
+def test_call():
+    assert lib.api_add(2, 3) == 5
+
+
+def test_fault():
+    lib.api_deref(0x60)
+'''
+
+
+def test_summary_names_guarded_compiled_cffi_modules(pytester, tmp_path):
+    pytest.importorskip("cffi")
+    from test_cffi_compiled import _build
+
+    name, _ = _build(str(tmp_path), "static")
+    pytester.makepyfile(test_compiled=COMPILED_TESTS % (str(tmp_path), name))
+    result = pytester.runpytest_subprocess("--ffiguard", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "FAULTED test_compiled.py::test_fault - SIGSEGV (failed)",
+        "ffiguard: 1 test faulted in foreign code (SIGSEGV: 1)",
+        "ffiguard: guarded compiled cffi modules: %s" % name])
+    assert "NOT guarded" not in result.stdout.str()

@@ -32,6 +32,7 @@ from .faults import (
 from . import for_ctypes as _for_ctypes
 from .for_ctypes import CDLL, cdll
 from .everything import install, installed, uninstall
+from .for_cffi_compiled import UnguardedModule, guarded_modules, unguarded
 from .policy import get_default_policy, release, set_default_policy
 from . import policy as _policy
 # shield mode: ffiguard.shield is the package and, called, shield(buffer, access=...)
@@ -44,6 +45,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CDLL", "cdll", "guard", "GuardedFunction", "stats", "crashers_path",
     "install", "uninstall", "installed",
+    # compiled cffi modules (API mode): which are guarded
+    "unguarded", "guarded_modules", "UnguardedModule",
     "ForeignFault", "SegmentationFault", "ForeignStackOverflow", "BusError",
     "IllegalInstruction", "ArithmeticFault", "ForeignAbort", "LibraryQuarantined",
     "UnsupportedPlatform", "set_default_policy", "get_default_policy", "release",

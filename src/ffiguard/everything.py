@@ -18,7 +18,10 @@ While installed, every library loaded through ctypes or cffi is guarded:
   the guarded objects (a cast of ``lib.f`` is a pointer to its stub: called through it,
   the function runs unguarded). cffi is not imported by install(): if the program has
   not imported it yet, a meta-path hook patches it the moment it is imported.
-  Compiled (API-mode) modules are not patched: ``ffiguard.guard(ffi, lib)`` them.
+* Compiled cffi modules (API mode), imported before or after install: their ``lib``'s
+  functions are guarded in place (for_cffi_compiled.py; docs/design.md, "Compiled cffi
+  modules"); ``importlib``'s ExtensionFileLoader.exec_module is wrapped to catch the
+  ones imported while installed.
 
 Not guarded, on purpose: ``ctypes.pythonapi`` and ``ctypes.PyDLL`` (Python's own C API,
 called with the GIL held: a fault there is in the interpreter, and the handler refuses
@@ -182,6 +185,36 @@ def _patch_backend(backend):
 _CFFI_MODULES = {"cffi.api": _patch_cffi, "_cffi_backend": _patch_backend}
 
 
+# ---- compiled cffi modules (API mode): for_cffi_compiled.py ----------------------------
+#
+# Every extension module is created by importlib's ExtensionFileLoader; while installed,
+# its exec_module is wrapped so that a compiled cffi module is guarded in place the
+# moment it has been imported (before the importer sees it). Modules imported earlier
+# are guarded by install() itself.
+
+
+def _patch_extension_loader(installation):
+    from importlib.machinery import ExtensionFileLoader
+    from . import for_cffi_compiled
+    original = ExtensionFileLoader.__dict__["exec_module"]
+
+    def exec_module(self, module):
+        original(self, module)
+        if "_cffi_backend" in sys.modules and _state is installation:
+            for_cffi_compiled.after_import(module, installation.on_fault)
+
+    exec_module.__wrapped__ = original
+    exec_module.__doc__ = original.__doc__
+    ExtensionFileLoader.exec_module = exec_module
+    for_cffi_compiled.guard_loaded(installation.on_fault)
+
+    def undo():
+        if ExtensionFileLoader.__dict__.get("exec_module") is exec_module:
+            ExtensionFileLoader.exec_module = original
+        for_cffi_compiled.unguard_modules()
+    return undo
+
+
 class _PatchingLoader:
     """A module's own loader, patching the module once it has run; everything else
     (get_source for tracebacks, get_data, ...) is the original loader's."""
@@ -243,6 +276,7 @@ class _Installation:
         self.on_fault = on_fault
         self.undo = {}  # module name -> how to undo its patch
         self.hook = None
+        self.undo_compiled = lambda: None  # compiled cffi modules: see install()
 
     def patch(self, module):
         name = module.__name__
@@ -313,6 +347,7 @@ def install(on_fault=None):
             installation.hook = _CffiImportHook(installation)
             sys.meta_path.insert(0, installation.hook)
         _state = installation
+        installation.undo_compiled = _patch_extension_loader(installation)
         return Installed(installation, owner=True)
 
 
@@ -334,6 +369,7 @@ def uninstall():
                 pass
         installation.unpatch()
         _state = None
+        installation.undo_compiled()
         return True
 
 

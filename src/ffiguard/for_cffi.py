@@ -9,9 +9,10 @@ function under the guard.
 
 * ABI mode (``ffi.dlopen``): ``lib.f`` is already a function-pointer cdata.
 * API mode (a compiled module, ``from _mod import ffi, lib``): ``lib.f`` is a builtin
-  that calls the C function directly, which no stub can sit in front of; the guarded
-  library calls through ``ffi.addressof(lib, "f")`` instead, i.e. through libffi, as
-  ABI mode does (slower than the direct call; still cffi's types and errors).
+  whose C function is cffi's generated wrapper; the guarded library's ``f`` calls that
+  wrapper through a guard stub (for_cffi_compiled.guard_builtin, the mechanism
+  install() uses in place: docs/design.md, "Compiled cffi modules"), so cffi's own
+  conversions, errno and GIL release stay, with no libffi round trip.
 
 Only this module imports cffi's backend, and only ffiguard.guard() on a cffi object (or
 install() once the program imports cffi) imports this module.
@@ -159,6 +160,11 @@ class GuardedLibrary:
         value = getattr(lib, name)
         if name.startswith("__") and name.endswith("__"):
             return value
+        if isinstance(value, _BUILTIN) and _core.cffi_target(value) is not None:
+            # API mode: the builtin's own C function (cffi's wrapper) called guarded
+            from .for_cffi_compiled import guard_builtin
+            guarded = guard_builtin(value, name, self.__dict__["_ffiguard_policy"])
+            return self.__dict__.setdefault(name, guarded)
         fp = self._ffiguard_function(name, value)
         if fp is None:
             return value
@@ -187,7 +193,7 @@ class GuardedLibrary:
         that it compares equal to lib.f; anything else: `addressof` of the library."""
         if not fields and isinstance(name, str):
             value = getattr(self, name, None)
-            if isinstance(value, _core.GuardedFunction):
+            if isinstance(value, _core.GuardedFunction) and not isinstance(value.__wrapped__, _BUILTIN):
                 return value.__wrapped__
         return addressof(name, *fields)
 

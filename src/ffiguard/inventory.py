@@ -66,37 +66,18 @@ def take():
         by_library.setdefault(name, set()).add(getattr(f, "__name__", "?"))
     for lib in libraries:
         by_library.setdefault(_library_name(lib), set())
-    listed = getattr(ffiguard, "guarded_modules", None)
-    modules = sorted(listed()) if listed is not None else []
+    modules = sorted(ffiguard.guarded_modules())
     return Inventory({k: sorted(v) for k, v in sorted(by_library.items())},
                      sum(len(v) for v in by_library.values()), modules,
                      [tuple(u) for u in unguarded()])
 
 
 def unguarded():
-    """[(name, path, reason)] of the modules imported unguarded: ffiguard.unguarded()
-    where it exists, else every compiled cffi module imported (none is guarded)."""
+    """[(name, path, reason)] of the compiled cffi modules imported unguarded
+    (ffiguard.unguarded())."""
     import ffiguard
 
-    listing = getattr(ffiguard, "unguarded", None)
-    if listing is not None:
-        return [(u.name, u.path, u.reason) for u in listing()]
-    return _compiled_cffi_modules()
-
-
-def _compiled_cffi_modules():
-    # Until compiled cffi modules are guarded (issue 15's mechanism): a module whose
-    # `ffi` is a _cffi_backend.FFI and `lib` a _cffi_backend.Lib is an API-mode module.
-    backend = sys.modules.get("_cffi_backend")
-    if backend is None:
-        return []
-    found = []
-    for name, module in list(sys.modules.items()):
-        if isinstance(getattr(module, "ffi", None), backend.FFI) and \
-                isinstance(getattr(module, "lib", None), backend.Lib):
-            found.append((name, getattr(module, "__file__", None),
-                          "compiled cffi module (API mode): not guarded"))
-    return sorted(found)
+    return [(u.name, u.path, u.reason) for u in ffiguard.unguarded()]
 
 
 def short_list(names, limit=SHORT_NAMES):

@@ -62,9 +62,13 @@ def _policy_of(lib):
     policy = getattr(lib, "_ffiguard_policy", None)  # an ffiguard.CDLL
     if policy is None and isinstance(lib, _core.GuardedFunction):
         policy = lib.__policy__
+    compiled = sys.modules.get("ffiguard.for_cffi_compiled")
+    if policy is None and compiled is not None:  # a compiled cffi module guarded in place
+        policy = compiled.policy_of(lib)
     if policy is None:
         raise TypeError("release() takes an ffiguard.CDLL, one of its functions or its policy, "
-                        "not %s" % type(lib).__name__)
+                        "or a compiled cffi module's lib guarded by install(), not %s"
+                        % type(lib).__name__)
     return policy
 
 

@@ -29,8 +29,8 @@ terminal summary says how many tests faulted, with their signals.
 What the user is told about coverage: the header says what is guarded so far and what
 is not; the end of the session says which libraries and functions were guarded (counts
 and a few names) and names the modules imported unguarded, with why (compiled cffi
-modules: ffiguard.inventory). xdist workers send theirs to the controller
-(workeroutput).
+modules: ffiguard.unguarded(), through ffiguard.inventory). xdist workers send theirs to
+the controller (workeroutput).
 
 Faults nobody could see: a ForeignFault raised where Python cannot propagate it (a
 library call in __del__, a weakref callback, ...) goes to sys.unraisablehook. While the
@@ -93,12 +93,10 @@ class _Session:
     def pytest_report_header(self, config):
         from ffiguard import signals
 
-        api = "guarded when ffiguard can guard them (see the lines below)" if hasattr(
-            self.ffiguard, "guarded_modules") else "NOT guarded"
-        head = ("ffiguard %s: on (trapping %s): libraries loaded through ctypes and cffi's "
-                "ABI mode are guarded; compiled cffi modules (API mode): %s" % (
+        head = ("ffiguard %s: on (trapping %s): libraries loaded through ctypes and cffi "
+                "and compiled cffi modules are guarded (what is not: below)" % (
                     self.ffiguard.__version__,
-                    ",".join(s.name for s in signals.TRAPPED) or "nothing", api))
+                    ",".join(s.name for s in signals.TRAPPED) or "nothing"))
         return [head] + ["ffiguard: " + line for line in inventory.lines(inventory.take())]
 
     # ---- faults raised where they cannot propagate: sys.unraisablehook ----

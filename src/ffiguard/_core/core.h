@@ -31,5 +31,13 @@ int ffg_set_fault_types(PyObject *classes, PyObject *stack_overflow, PyObject *f
                         PyObject *faults_globals);
 extern const char *const ffg_access_names[];
 PyObject *ffg_describe(uintptr_t pc); /* (path, base, symbol, symbol address) or None */
+/* guarded.c, cffi_api.inc: compiled cffi modules (issue 15), module functions */
+PyObject *ffg_m_cffi_target(PyObject *mod, PyObject *builtin);
+PyObject *ffg_m_cffi_guard(PyObject *mod, PyObject *args);
+PyObject *ffg_m_cffi_patch(PyObject *mod, PyObject *args);
+PyObject *ffg_m_cffi_patched(PyObject *mod, PyObject *builtin);
+/* got.c (issue 15) */
+PyObject *ffg_m_got_slots(PyObject *mod, PyObject *address);
+PyObject *ffg_m_got_write(PyObject *mod, PyObject *args);
 
 #endif

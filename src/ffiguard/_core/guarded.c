@@ -177,6 +177,14 @@ typedef struct {
     uintptr_t target;  /* the foreign function its stub calls: what arming names */
     vectorcallfunc vectorcall;
     int shield; /* shield (issue 13): lock shielded memory during its calls (default 1) */
+    /* compiled cffi modules (issue 15): set when `wrapped` is a cffi lib's builtin, whose
+     * C function (cffi's wrapper) is called as `cffi_stub` (cffi_api.inc) */
+    int cffi_flags;                 /* the builtin's own METH_O / METH_NOARGS / METH_VARARGS */
+    PyObject *cffi_self;            /* its m_self (the Lib), passed to the wrapper */
+    uintptr_t cffi_stub;            /* the wrapper's guard stub (whole-wrapper mode: `target`
+                                     * is the wrapper), or the wrapper itself (GOT mode:
+                                     * `target` is the foreign function its GOT slot reaches) */
+    vectorcallfunc cffi_vectorcall; /* its own vectorcall (NULL for METH_VARARGS) */
 } GuardedFunction;
 
 static struct ffg_thread *ffg_thread_state(void)
@@ -494,6 +502,8 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
     return ffg_gf_guarded_call(self, t, args, nargsf, kwnames);
 }
 
+#include "cffi_api.inc" /* compiled cffi modules (issue 15): the builtin call path */
+
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"function", "name", "policy", "target", "shield", NULL};
@@ -545,6 +555,7 @@ static int ffg_gf_traverse(GuardedFunction *self, visitproc visit, void *arg)
     Py_VISIT(self->wrapped);
     Py_VISIT(self->name);
     Py_VISIT(self->policy);
+    Py_VISIT(self->cffi_self); /* compiled cffi modules (issue 15) */
     return 0;
 }
 
@@ -553,6 +564,7 @@ static int ffg_gf_clear(GuardedFunction *self)
     Py_CLEAR(self->wrapped);
     Py_CLEAR(self->name);
     Py_CLEAR(self->policy);
+    Py_CLEAR(self->cffi_self); /* compiled cffi modules (issue 15) */
     return 0;
 }
 

@@ -62,6 +62,10 @@ _Static_assert(offsetof(struct ffg_frame, fpcr) == F_FPCR, "F_FPCR");
 _Static_assert(offsetof(struct ffg_frame, d) == F_D8, "F_D8");
 
 #define FFG_ARCH_NAME "aarch64"
+/* got.c (compiled cffi modules, issue 15): the dynamic relocations that fill a GOT slot
+ * with a function's address: a PLT call's slot, and a slot loaded directly (-fno-plt). */
+#define FFG_R_JUMP_SLOT R_AARCH64_JUMP_SLOT
+#define FFG_R_GLOB_DAT R_AARCH64_GLOB_DAT
 #define FFG_NREGS 34 /* x0-x30, sp, pc, pstate */
 #define FFG_RED_ZONE 0 /* AAPCS64 on Linux has no red zone below sp */
 

@@ -15,6 +15,8 @@ struct ffg_frame {
 };
 
 #define FFG_ARCH_NAME "unsupported"
+#define FFG_R_JUMP_SLOT (-1) /* got.c: no relocation matches */
+#define FFG_R_GLOB_DAT (-1)
 #define FFG_NREGS 1
 #define FFG_REG_NAMES "pc"
 

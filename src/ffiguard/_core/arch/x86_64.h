@@ -57,6 +57,10 @@ _Static_assert(offsetof(struct ffg_frame, shield_rax) == F_SHIELD_RAX, "F_SHIELD
 _Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
 
 #define FFG_ARCH_NAME "x86_64"
+/* got.c (compiled cffi modules, issue 15): the dynamic relocations that fill a GOT slot
+ * with a function's address: a PLT call's slot, and a slot loaded directly (-fno-plt). */
+#define FFG_R_JUMP_SLOT R_X86_64_JUMP_SLOT
+#define FFG_R_GLOB_DAT R_X86_64_GLOB_DAT
 #define FFG_NREGS 23 /* the general registers saved in the signal context */
 #define FFG_RED_ZONE 128 /* bytes below rsp a leaf function may use */
 
