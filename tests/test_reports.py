@@ -468,8 +468,7 @@ def test_symbol_agrees_with_the_report(tmp_path, use_backend):
     frame = symbolize.symbolize(e.frames)[0]
     assert frame.symbol == "hidden_reader"
     assert e.symbol == "hidden_reader"
-    assert str(e).startswith("SIGSEGV (SEGV_MAPERR: address not mapped) reading 0x40 in "
-                             "hidden_reader (libhidden.so+0x")
+    assert " 0x40 in hidden_reader (libhidden.so+0x" in str(e)  # "reading 0x40" / "at 0x40"
     assert "  faulted in: hidden_reader+0x" in e.report()
 
 
