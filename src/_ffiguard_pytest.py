@@ -32,19 +32,32 @@ def _wanted(namespace):
         p in ("ffiguard", "_ffiguard_pytest", "ffiguard.pytest_plugin") for p in plugins)
 
 
-def _activate(config, namespace):
+def _from_run():
+    """Under `python -m ffiguard run`: it sets FFIGUARD_RUN to its own pid. This pytest
+    process (that pid) and the pytest-xdist workers it starts (they inherit the
+    variable, xdist sets PYTEST_XDIST_WORKER, and their parent is that pid) switch the
+    plugin on; a pytest the program starts as a subprocess, and its workers, do not."""
+    import os
+
+    value = os.environ.get("FFIGUARD_RUN")
+    return bool(value) and (value == str(os.getpid()) or (
+        "PYTEST_XDIST_WORKER" in os.environ and value == str(os.getppid())))
+
+
+def _activate(config, namespace, from_run=False):
     from ffiguard import pytest_plugin
 
-    pytest_plugin.activate(config, namespace)
+    pytest_plugin.activate(config, namespace, from_run)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
     # as early as a plugin can act: before conftests and test modules load libraries
-    if _wanted(early_config.known_args_namespace):
-        _activate(early_config, early_config.known_args_namespace)
+    namespace = early_config.known_args_namespace
+    if _wanted(namespace) or _from_run():
+        _activate(early_config, namespace, from_run=not _wanted(namespace))
 
 
 def pytest_configure(config):
-    if _wanted(config.option):
-        _activate(config, config.option)
+    if _wanted(config.option) or _from_run():
+        _activate(config, config.option, from_run=not _wanted(config.option))

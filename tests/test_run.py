@@ -190,3 +190,56 @@ def test_subprocesses_option(prog):
     rc, out, err = run(["-m", "ffiguard", "run", "--subprocesses", "--signals", "SEGV",
                         "parent.py"], prog)
     assert (rc, out) == (0, "True\nSEGV\n"), err
+
+
+def test_command_runs_as_under_python(prog):
+    code = SHOW.replace('print("file", __file__)\n', "")   # python -c has no __file__
+    for target in (["-c", code, "a", "-m", "x"], ["-c" + code]):
+        plain, guarded = both(prog, *target)
+        assert plain[0] == guarded[0] == 0, guarded
+        assert guarded[1] == plain[1]
+    plain, guarded = both(prog, "-c", code, "a", "-m", "x")
+    assert "argv ['-c', 'a', '-m', 'x']\npath0 \nname __main__ True\n" in guarded[1]
+    # errors and tracebacks as python's: File "<string>"
+    for code in ("def f():\n    raise ValueError('boom')\nf()\n", "x = = 1\n",
+                 "import sys; sys.exit(4)"):
+        plain, guarded = both(prog, "-c", code)
+        assert guarded == plain, code
+    rc, out, err = run(["-m", "ffiguard", "run", "-c", "import sys; print(sys.modules['ffiguard']"
+                        ".installed())"], prog)
+    assert (rc, out) == (0, "True\n"), err
+    rc, out, err = run(["-m", "ffiguard", "run", "-c"], prog)
+    assert rc == 2 and "-c needs a command" in err
+
+
+XDIST_TESTS = SIGNATURES_SRC + r'''
+import os
+lib = setup_signatures(ctypes.CDLL(%r))
+
+
+def test_segv():
+    lib.ffg_read_null()
+
+
+def test_worker_guarded():
+    import sys
+    assert os.environ.get("PYTEST_XDIST_WORKER")
+    assert "ffiguard" in sys.modules and sys.modules["ffiguard"].installed()
+
+
+def test_after():
+    assert lib.ffg_add(1, 2) == 3
+''' % CRASHERS_PATH
+
+
+def test_xdist_workers_are_guarded(prog):
+    pytest.importorskip("xdist")
+    (prog / "test_native.py").write_text(XDIST_TESTS)
+    rc, out, err = run(["-m", "ffiguard", "run", "-m", "pytest", "-n", "2", "-p",
+                        "no:cacheprovider", "test_native.py"], prog, timeout=120)
+    assert rc == 1, out + err
+    assert "1 failed, 2 passed" in out, out
+    assert "node down" not in out and "crashed worker" not in out, out
+    assert "FAULTED test_native.py::test_segv - SIGSEGV (failed)" in out
+    assert "ffiguard: 1 test faulted in foreign code (SIGSEGV: 1)" in out
+    assert "ffiguard native report" in out

@@ -197,7 +197,7 @@ COMMANDS = [
      _demo_arguments, _demo_run),
     ("doctor", "print what this machine supports (for bug reports)",
      _doctor_arguments, _doctor_run),
-    ("run", "run a program (script.py or -m module) with every foreign call guarded",
+    ("run", "run a program (script.py, -m module or -c code) with every foreign call guarded",
      _run_arguments, _run_run),
     ("env", "print the shell lines that make Python programs started later guard "
             "every foreign call (eval \"$(python -m ffiguard env)\")",

@@ -42,7 +42,7 @@ def _field(name, compute):
 
 
 def _rebuild(cls, values):
-    exc = cls.__new__(cls)
+    exc = BaseException.__new__(cls)  # not ForeignAbort.__new__: no fault happened here
     exc._raw = None
     exc._values = dict(values)
     return exc
@@ -59,7 +59,9 @@ class ForeignFault(Exception):
     "SEGV_MAPERR"), ``address`` (the faulting address, None where the signal has none),
     ``access`` ("read", "write", "execute" or None when the CPU does not say), ``pc``,
     ``sp``, ``function`` (the guarded function called), ``library`` and ``symbol``
-    (where ``pc`` is), ``frames`` (the native backtrace: return addresses, innermost
+    (where ``pc`` is: the symbol the report's first frame names, demangled),
+    ``abort_message`` (for a SIGABRT: the message glibc wrote before aborting, e.g.
+    "free(): invalid pointer", or None), ``frames`` (the native backtrace: return addresses, innermost
     first, ``frames[0] == pc``), ``registers`` (dict at the fault).
 
     ``report()`` returns the full report (signal and code in words, registers, the fault
@@ -101,16 +103,25 @@ class ForeignFault(Exception):
     library = _field("library", lambda self: self._where()[0])
     symbol = _field("symbol", lambda self: self._where()[1])
     frames = _field("frames", lambda self: list(array.array("Q", self._raw[REC_FRAMES])))
-    registers = _field("registers", lambda self: dict(
-        zip(_core.REGISTER_NAMES, array.array("Q", self._raw[REC_REGISTERS]))))
+    registers = _field("registers", lambda self: _registers(self._raw))
+    # read when the exception is made (ForeignAbort.__new__), for a SIGABRT only
+    abort_message = _field("abort_message", lambda self: self.__dict__.get("_abort_message"))
     message = _field("message", lambda self: _message(self))
 
     def _where(self):
-        """(library, symbol, text) for pc: from the record (looked up at the fault, while
-        the library was surely loaded) or, for an exception made by hand, now."""
-        if self._raw is not None:
-            return describe_pc(self._raw[REC_PC], self._raw[REC_WHERE])
-        return describe_pc(self.pc) if self.pc is not None else (None, None, "an unknown address")
+        """(library, symbol, text) for pc: from the record (its library looked up at the
+        fault, while the library was surely loaded; the symbol from the library's ELF
+        tables, as the report's first frame) or, for an exception made by hand, now."""
+        found = self._values.get("_where")
+        if found is None:
+            if self._raw is not None:
+                found = describe_pc(self._raw[REC_PC], self._raw[REC_WHERE])
+            elif self.pc is not None:
+                found = describe_pc(self.pc)
+            else:
+                found = (None, None, "an unknown address")
+            self._values["_where"] = found
+        return found
 
     def report(self, color=False):
         """The full text report of this fault (see ffiguard.report); worked out now,
@@ -159,7 +170,7 @@ class ForeignFault(Exception):
 
     def __reduce__(self):
         names = ("message", "signal", "code", "code_name", "address", "access", "pc", "sp",
-                 "function", "library", "symbol", "frames", "registers")
+                 "function", "library", "symbol", "frames", "registers", "abort_message")
         values = {n: getattr(self, n) for n in names}
         if self._raw is not None:  # the addresses mean nothing elsewhere: send the texts
             values["report"] = self.report()
@@ -205,8 +216,20 @@ class ArithmeticFault(ForeignFault):
 
 class ForeignAbort(ForeignFault):
     """SIGABRT in a foreign call: abort(), a failed assert(), or a C library that
-    detected heap corruption (then the heap is certainly damaged)."""
+    detected heap corruption (then the heap is certainly damaged). ``abort_message``:
+    what glibc wrote before aborting ("free(): invalid pointer", a failed assert's
+    text), or None."""
     signal_number = _signal.SIGABRT
+
+    def __new__(cls, *args, **kwargs):
+        # Made by the fault path (_core, or from_record) with no arguments, right after
+        # the recovery: glibc's message must be read now, before another abort replaces
+        # it (ffiguard.abortmsg). An exception made by hand has its message argument.
+        exc = super().__new__(cls, *args, **kwargs)
+        if not args and not kwargs:
+            from . import abortmsg
+            exc._abort_message = abortmsg.take()
+        return exc
 
 
 class LibraryQuarantined(RuntimeError):
@@ -288,17 +311,41 @@ def code_name(signum, code):
 
 
 def describe_pc(pc, found=False):
-    """(library path, symbol, text) for an address, from the dynamic symbol tables;
-    `found` is a _core.dladdr() answer already looked up for it."""
+    """(library path, symbol, text) for an address: the symbol as the report's first
+    frame names it (ELF .symtab, else .dynsym, else dladdr; demangled: see
+    ffiguard.symbolize.symbol_at); `found` is a _core.dladdr() answer already looked up
+    for it."""
     if found is False:
         found = _core.dladdr(pc) if pc else None
     if not found:
         return None, None, "0x%x" % pc
-    path, base, symbol, symbol_address = found
-    where = "%s+0x%x" % (os.path.basename(path), pc - base)
+    from . import symbolize  # reads symbol tables: only when a message or symbol is read
+
+    path, offset, symbol, _symbol_offset = symbolize.symbol_at(pc, found)
+    where = "%s+0x%x" % (os.path.basename(path), offset)
     if symbol:
         return path, symbol, "%s (%s)" % (symbol, where)
     return path, None, "0x%x (%s)" % (pc, where)
+
+
+# Registers the kernel fills from the thread's last CPU exception (see the arch header):
+# left out when this signal did not come from one.
+_TRAP_REGISTERS = frozenset(getattr(_core, "TRAP_REGISTERS", ()))
+_PAGE_FAULT_REGISTERS = frozenset(getattr(_core, "PAGE_FAULT_REGISTERS", ()))
+
+
+def _registers(raw):
+    """The saved registers, without those this signal did not set: err/trapno/cr2 of an
+    earlier fault when the signal was sent (si_code <= 0: abort(), kill), cr2 when the
+    exception was not a page fault."""
+    regs = dict(zip(_core.REGISTER_NAMES, array.array("Q", raw[REC_REGISTERS])))
+    if raw[REC_CODE] <= 0:  # sent, not caused by an instruction (SI_USER, SI_TKILL, ...)
+        for name in _TRAP_REGISTERS:
+            regs.pop(name, None)
+    elif _PAGE_FAULT_REGISTERS and regs.get(_core.TRAPNO_REGISTER) != _core.TRAP_PAGE_FAULT:
+        for name in _PAGE_FAULT_REGISTERS:
+            regs.pop(name, None)
+    return regs
 
 
 def _message(exc):
@@ -318,7 +365,6 @@ def _message(exc):
 
 _CLASS_OF = {int(signum): cls for signum, cls in _CLASSES.items()}  # by plain int: no enum hashing
 _SIGSEGV = int(_signal.SIGSEGV)
-_new_exception = BaseException.__new__
 
 
 def from_record(record, function, args=(), kwnames=None, policy=None):
@@ -337,7 +383,7 @@ def from_record(record, function, args=(), kwnames=None, policy=None):
         pkey = shield_classify(record)
         if pkey is not False:
             cls = ProtectionKeyViolation
-    exc = _new_exception(cls)
+    exc = cls.__new__(cls)  # BaseException's, but ForeignAbort's own for a SIGABRT
     exc._raw = record
     exc._values = {"function": function}
     exc._call = (args, kwnames)

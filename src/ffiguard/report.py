@@ -136,9 +136,24 @@ def describe_address(address, maps, sp=None, access=None):
 # ---- the pieces ---------------------------------------------------------------------------
 
 
+def _pointer_repr(value):
+    """'c_void_p(0xdeadbee0)' for a ctypes pointer-like value (c_void_p, c_char_p,
+    c_wchar_p, POINTER(T) instances: their address in hex; repr() gives it in decimal,
+    or the Python object's address), else None."""
+    import ctypes
+
+    if isinstance(value, (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_wchar_p)):
+        address = ctypes.cast(value, ctypes.c_void_p).value
+    elif isinstance(value, ctypes._Pointer):
+        address = ctypes.cast(value, ctypes.c_void_p).value
+    else:
+        return None
+    return "%s(%s)" % (type(value).__name__, "NULL" if not address else "0x%x" % address)
+
+
 def _short_repr(value):
     try:
-        text = repr(value)
+        text = _pointer_repr(value) or repr(value)
     except Exception as e:  # a broken __repr__ must not break the report
         text = "<%s: repr failed: %s>" % (type(value).__name__, type(e).__name__)
     if len(text) > MAX_ARG_REPR:
@@ -224,6 +239,8 @@ def notes(exc):
         frames = _frames(exc)
         lines = ["Native backtrace of %s, innermost first (%s):" % (format_call(exc), _backend_label())]
         lines += _backtrace_lines(frames, NOTE_FRAMES)
+        if getattr(exc, "abort_message", None):
+            lines.append("The C library's message before aborting: " + exc.abort_message)
         text = suspect_text(exc)
         if text:
             lines.append("Suspect state: " + text)
@@ -260,6 +277,9 @@ def report(exc, color=False):
         add("  access:   %s (as the CPU reported it)" % exc.access)
     elif exc.signal in (_signal.SIGSEGV, _signal.SIGBUS):
         add("  access:   not reported by the CPU")
+    if exc.abort_message:
+        add("  message:  %s   (what the C library wrote before aborting: glibc's __abort_msg)"
+            % exc.abort_message.replace("\n", "\n            "))
     if exc.address is not None:
         add("  address:  0x%x" % exc.address)
     if exc.pc is not None:

@@ -2,13 +2,15 @@
 
     python -m ffiguard run [options] script.py [args...]
     python -m ffiguard run [options] -m module [args...]
+    python -m ffiguard run [options] -c command [args...]
 
 Guard-everything (ffiguard.install()) is on before the program's first line. The program
 then runs as `python script.py` / `python -m module` would run it: a fresh `__main__`
 module in sys.modules (``__name__``, ``__file__``, ``__spec__``, ``__loader__``,
 ``__package__``, and ``__cached__``/``__annotations__`` on the versions where python
-sets them), ``sys.argv`` = [script or module path, args...], ``sys.path[0]`` = the script's directory (symlinks resolved) or, for -m,
-the current directory (untouched under ``-P``/PYTHONSAFEPATH). Exit codes are python's:
+sets them), ``sys.argv`` = [script or module path, args...] (["-c", args...] for -c), ``sys.path[0]`` =
+the script's directory (symlinks resolved) or, for -m, the current directory, for -c ""
+(untouched under ``-P``/PYTHONSAFEPATH). Exit codes are python's:
 sys.exit(n) / SystemExit("msg") propagate unchanged, an uncaught exception prints its
 traceback (through sys.excepthook, starting at the program's first frame: none of ours
 or runpy's) and exits 1, an uncaught KeyboardInterrupt ends the process by SIGINT.
@@ -33,19 +35,28 @@ __all__ = ["EXIT_FAULT", "main", "activate", "activate_from_environment", "envir
 
 EXIT_FAULT = 70  # EX_SOFTWARE, the same status as on_fault="exit"
 
+# Set by `run` (when it installs) in the program's environment: its pid, and its
+# --signals/--on-fault. The pytest plugin (_ffiguard_pytest) switches itself on in the
+# pytest process with that pid and in the pytest-xdist workers it starts (which inherit
+# the variables), so `run -m pytest -n 2` guards the workers too.
+RUN_PID = "FFIGUARD_RUN"
+RUN_SIGNALS = "FFIGUARD_RUN_SIGNALS"
+RUN_ON_FAULT = "FFIGUARD_RUN_ON_FAULT"
+
 USAGE = """\
 usage: python -m ffiguard run [options] script.py [args...]
-       python -m ffiguard run [options] -m module [args...]"""
+       python -m ffiguard run [options] -m module [args...]
+       python -m ffiguard run [options] -c command [args...]"""
 
 HELP = USAGE + """
 
 Run a Python program with every library it loads through ctypes or cffi guarded
 (ffiguard.install() before its first line). sys.argv, __main__, exit codes and
-tracebacks are as with `python script.py` / `python -m module`. An uncaught
+tracebacks are as with `python script.py` / `python -m module` / `python -c`. An uncaught
 ForeignFault prints the traceback and the fault's full report, and exits with
 status 70.
 
-options (before the script or -m; what follows belongs to the program):
+options (before the script, -m or -c; what follows belongs to the program):
   --signals SPEC       signals to trap, e.g. SEGV,BUS (default: all of
                        SEGV,BUS,ILL,FPE,ABRT; "none" traps nothing)
   --on-fault POLICY    raise (default), quarantine or exit: the default policy of
@@ -187,7 +198,8 @@ class TargetError(Exception):
 
 
 def parse(argv):
-    """Split `run`'s arguments: (options dict, "script"|"module", target, program args)."""
+    """Split `run`'s arguments: (options dict, "script"|"module"|"command", target,
+    program args)."""
     opts = {"signals": None, "on_fault": None, "install": True, "subprocesses": False,
             "help": False, "shield": False}
     valued = {"--signals": "signals", "--on-fault": "on_fault"}
@@ -219,16 +231,24 @@ def parse(argv):
                     raise UsageError("-m needs a module name")
                 module = argv[i]
             return opts, "module", module, argv[i + 1:]
+        elif arg == "-c" or (arg.startswith("-c") and not arg.startswith("--")):
+            command = arg[2:]
+            if not command:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError("-c needs a command")  # python: "Argument expected"
+                command = argv[i]
+            return opts, "command", command, argv[i + 1:]
         elif arg == "--":
             if i + 1 >= len(argv):
                 raise UsageError("no script after --")
             return opts, "script", argv[i + 1], argv[i + 2:]
         elif arg.startswith("-") and arg != "-":
-            raise UsageError("unknown option %r (options go before the script or -m)" % arg)
+            raise UsageError("unknown option %r (options go before the script, -m or -c)" % arg)
         else:
             return opts, "script", arg, argv[i + 1:]
         i += 1
-    raise UsageError("no script or -m module given")
+    raise UsageError("no script, -m module or -c command given")
 
 
 def _main_attrs(cached, **attrs):
@@ -240,6 +260,19 @@ def _main_attrs(cached, **attrs):
     if sys.version_info < (3, 14):
         attrs["__annotations__"] = {}
     return attrs
+
+
+def _command(source):
+    """(code, main module attributes) for `python -c source`: the code is "<string>",
+    __main__ has no __file__, its loader is BuiltinImporter, as python's."""
+    import importlib.machinery
+
+    code = compile(source, "<string>", "exec", dont_inherit=True)
+    attrs = dict(__loader__=importlib.machinery.BuiltinImporter, __spec__=None,
+                 __package__=None)
+    if sys.version_info < (3, 14):
+        attrs["__annotations__"] = {}
+    return code, attrs
 
 
 def _script(path):
@@ -393,6 +426,12 @@ def main(argv):
             activate(opts["signals"], opts["on_fault"], opts["install"], opts["shield"])
             code, attrs = _module(target)
             sys.argv[0] = attrs["__file__"]
+        elif kind == "command":
+            if not safe_path:
+                sys.path[0] = ""  # python -c: the current directory, as ""
+            sys.argv = ["-c"] + list(args)
+            activate(opts["signals"], opts["on_fault"], opts["install"])
+            code, attrs = _command(target)
         else:
             code, attrs, path0, argv0 = _script(target)
             if not safe_path:
@@ -414,6 +453,18 @@ def main(argv):
         e.__traceback__ = None  # as python: the error alone, no traceback lines; status 1
         sys.excepthook(type(e), e, None)
         return 1
+    _export_run(opts)
     if opts["subprocesses"]:
         os.environ.update(environment(opts["signals"], opts["on_fault"]))
     return execute(code, attrs)
+
+
+def _export_run(opts):
+    """RUN_PID & co. in the program's environment (see RUN_PID), or none of them."""
+    for name in (RUN_PID, RUN_SIGNALS, RUN_ON_FAULT):
+        os.environ.pop(name, None)
+    if opts["install"]:
+        os.environ[RUN_PID] = str(os.getpid())
+        for name, value in ((RUN_SIGNALS, opts["signals"]), (RUN_ON_FAULT, opts["on_fault"])):
+            if value is not None:
+                os.environ[name] = value

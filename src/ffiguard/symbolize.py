@@ -13,6 +13,8 @@ Where each answer comes from, best first:
   /usr/lib/debug) has one, else ``.dynsym``. A symbol is named only when the pc lies
   inside it (its size says so); otherwise the frame says ``<unknown>``, honestly, instead
   of the nearest exported name below, which is usually wrong for internal functions.
+* demangled: C++ (Itanium ``_Z``) and Rust (legacy ``_ZN...17h<hash>E`` and v0 ``_R``)
+  names are shown demangled (ffiguard.demangle); Frame.linkage_name keeps the symbol.
 * file:line (and inlined calls): a DWARF backend chosen at run time, the first available
   of pyelftools (``pip install ffiguard[symbols]``), ``llvm-symbolizer``, ``addr2line``.
   The subprocess tools run once per library per report, on a batch of addresses, with a
@@ -29,7 +31,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import _core
 
-__all__ = ["Frame", "symbolize", "backend", "available_backends", "clear_cache"]
+__all__ = ["Frame", "symbolize", "symbol_at", "backend", "available_backends", "clear_cache"]
 
 TOOL_TIMEOUT = 10.0  # seconds for one llvm-symbolizer/addr2line run
 DEBUG_ROOT = "/usr/lib/debug"
@@ -50,6 +52,7 @@ class Frame(NamedTuple):
     file: Optional[str]  # source file (DWARF), None without debug info
     line: Optional[int]
     inlined: Tuple[Tuple[str, Optional[str], Optional[int]], ...] = ()  # (function, file, line), innermost first
+    linkage_name: Optional[str] = None  # the mangled name, when `symbol` is its demangled form
 
     def where(self) -> str:
         """'symbol+0x12 (libfoo.so+0x1234)', '<unknown> (libfoo.so+0x1234)' or '0x...'."""
@@ -441,24 +444,51 @@ def symbolize(pcs: Sequence[int], first: object = False, use_backend: Optional[s
         if not found:
             frames.append(Frame(i, pc, None, None, None, None, None, None))
             continue
-        path, base, dsym, dsym_addr = found
-        path = path or _main_program()
+        path, base = found[0] or _main_program(), found[1]
         lib = libs.get(path)
-        offset = pc - base
-        symbol = symbol_offset = None
+        symbol, symbol_offset, linkage = _symbol(lib, pc, at, found)
         file = line = None
         inlined = ()
         if lib is not None and lib.elf.ok:
-            vaddr = at - base + lib.elf.load_vaddr
-            hit = lib.symbols.function_at(vaddr)
-            if hit is not None:
-                symbol, symbol_offset = hit[0], hit[1] + (pc - at)
-            entries = lib.lines.get((name, vaddr), ())
+            entries = lib.lines.get((name, at - base + lib.elf.load_vaddr), ())
             if entries:
                 _fn, file, line = entries[0]
                 if len(entries) > 1:  # inlined calls: innermost first, each inlined into the next
                     inlined = tuple((fn or "?", f, ln) for fn, f, ln in entries)
-        if symbol is None and dsym:
-            symbol, symbol_offset = dsym, pc - dsym_addr
-        frames.append(Frame(i, pc, path, offset, symbol, symbol_offset, file, line, inlined))
+        frames.append(Frame(i, pc, path, pc - base, symbol, symbol_offset, file, line, inlined,
+                            linkage))
     return frames
+
+
+def _symbol(lib, pc, at, found):
+    """(demangled symbol, offset of pc in it, linkage name if it differs) for the
+    function containing `at` (pc, or pc - 1 for a return address): the library's ELF
+    tables (.symtab, else .dynsym), else dladdr's answer; (None, None, None) if none."""
+    _path, base, dsym, dsym_addr = found
+    symbol = symbol_offset = None
+    if lib is not None and lib.elf.ok:
+        hit = lib.symbols.function_at(at - base + lib.elf.load_vaddr)
+        if hit is not None:
+            symbol, symbol_offset = hit[0], hit[1] + (pc - at)
+    if symbol is None and dsym:
+        symbol, symbol_offset = dsym, pc - dsym_addr
+    if symbol is None:
+        return None, None, None
+    from . import demangle
+
+    readable = demangle.demangle(symbol)
+    return readable, symbol_offset, (symbol if readable != symbol else None)
+
+
+def symbol_at(pc: int, found: object = False) -> Tuple[Optional[str], Optional[int], Optional[str], Optional[int]]:
+    """(library path, pc's offset in it, symbol, pc's offset in the symbol) for the
+    faulting pc, named exactly as symbolize() names frame 0 (but without DWARF and
+    without counting as a symbolize() call). `found` is a _core.dladdr() answer already
+    looked up for pc."""
+    if found is False:
+        found = _core.dladdr(pc) if pc > 0 else None
+    if not found:
+        return None, None, None, None
+    path = found[0] or _main_program()
+    symbol, symbol_offset, _linkage = _symbol(_library(path), pc, pc, found)
+    return path, pc - found[1], symbol, symbol_offset

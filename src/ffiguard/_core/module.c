@@ -8,6 +8,10 @@
 #include <stddef.h>
 
 static const char *const ffg_register_names[FFG_NREGS] = {FFG_REG_NAMES};
+/* issue 15: the registers a signal not caused by an instruction did not set (see the
+ * arch header), NULL-terminated. */
+static const char *const ffg_trap_register_names[] = {FFG_TRAP_REG_NAMES NULL};
+static const char *const ffg_page_fault_register_names[] = {FFG_PAGE_FAULT_REG_NAMES NULL};
 
 /* Installing, untrapping and refreshing the handlers, and saving or restoring the
  * chained ones (chain.c), were serialised by the GIL; the free-threaded build has none,
@@ -384,6 +388,24 @@ static struct PyModuleDef ffg_module = {
     -1, ffg_methods, NULL, NULL, NULL, NULL,
 };
 
+/* A tuple of the names in a NULL-terminated array. */
+static PyObject *ffg_name_tuple(const char *const *names)
+{
+    Py_ssize_t n = 0;
+    while (names[n])
+        n++;
+    PyObject *t = PyTuple_New(n);
+    for (Py_ssize_t i = 0; t && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (!name) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, name);
+    }
+    return t;
+}
+
 static PyObject *ffg_register_tuple(void)
 {
     PyObject *t = PyTuple_New(FFG_NREGS);
@@ -433,7 +455,12 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
         PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
-        PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0) {
+        PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0 ||
+        PyModule_AddObject(m, "TRAP_REGISTERS", ffg_name_tuple(ffg_trap_register_names)) < 0 ||
+        PyModule_AddObject(m, "PAGE_FAULT_REGISTERS",
+                           ffg_name_tuple(ffg_page_fault_register_names)) < 0 ||
+        PyModule_AddStringConstant(m, "TRAPNO_REGISTER", FFG_TRAPNO_REG) < 0 ||
+        PyModule_AddIntConstant(m, "TRAP_PAGE_FAULT", FFG_TRAP_PAGE_FAULT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -74,6 +74,12 @@ _Static_assert(offsetof(struct ffg_frame, d) == F_D8, "F_D8");
         "x14", "x15", "x16", "x17", "x18", "x19", "x20", "x21", "x22", "x23", "x24", "x25",   \
         "x26", "x27", "x28", "x29", "x30", "sp", "pc", "pstate"
 
+/* No saved register here comes from an earlier exception (see x86_64.h). */
+#define FFG_TRAP_REG_NAMES
+#define FFG_PAGE_FAULT_REG_NAMES
+#define FFG_TRAPNO_REG ""
+#define FFG_TRAP_PAGE_FAULT 0
+
 /* ---- stubs ---------------------------------------------------------------------------
  * One 16-byte stub. Both loads are pc-relative literals, so every slot is the same four
  * words: slot i's data (target, then the thunk's address) sits exactly one page after

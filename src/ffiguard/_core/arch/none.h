@@ -19,6 +19,12 @@ struct ffg_frame {
 #define FFG_R_GLOB_DAT (-1)
 #define FFG_NREGS 1
 #define FFG_REG_NAMES "pc"
+
+/* No saved register here comes from an earlier exception (see x86_64.h). */
+#define FFG_TRAP_REG_NAMES
+#define FFG_PAGE_FAULT_REG_NAMES
+#define FFG_TRAPNO_REG ""
+#define FFG_TRAP_PAGE_FAULT 0
 #define FFG_RED_ZONE 0
 #define FFG_STUB_SIZE 16
 

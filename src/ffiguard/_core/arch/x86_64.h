@@ -69,6 +69,15 @@ _Static_assert(sizeof(struct ffg_frame) == FRAME_SIZE, "FRAME_SIZE");
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx", \
         "rax", "rcx", "rsp", "rip", "eflags", "csgsfs", "err", "trapno", "oldmask", "cr2"
 
+/* The registers the kernel fills from the thread's last CPU exception, not from this
+ * signal: err, trapno and cr2 are stale (an earlier fault's) when the signal was sent
+ * (abort(), kill: si_code <= 0), and cr2 is the faulting address of a page fault only
+ * (trapno FFG_TRAP_PAGE_FAULT): reports leave out what the signal did not set. */
+#define FFG_TRAP_REG_NAMES "err", "trapno", "cr2",
+#define FFG_PAGE_FAULT_REG_NAMES "cr2",
+#define FFG_TRAPNO_REG "trapno"
+#define FFG_TRAP_PAGE_FAULT 14 /* X86_TRAP_PF: #PF, the page-fault exception */
+
 /* One 16-byte stub. Both loads are rip-relative, so every slot is the same bytes:
  * slot i's data (target, then the thunk's address) sits exactly one page after slot
  * i's code.
@@ -103,7 +112,7 @@ static inline void ffg_uc_regs(const ucontext_t *uc, uint64_t *out)
 static inline int ffg_uc_access(const ucontext_t *uc, uintptr_t address, int *from_context)
 {
     (void)address;
-    *from_context = uc->uc_mcontext.gregs[REG_TRAPNO] == 14;
+    *from_context = uc->uc_mcontext.gregs[REG_TRAPNO] == FFG_TRAP_PAGE_FAULT;
     if (!*from_context) /* not a page fault */
         return 0;
     greg_t err = uc->uc_mcontext.gregs[REG_ERR];
