@@ -434,7 +434,7 @@ def test_quarantine_and_release(built):
                                 "called (release the library to call it again)", "ok"]
 
 
-def test_module_placed_in_a_package_is_guarded(tmp_path):
+def test_module_placed_in_a_package_is_guarded(modules, tmp_path):
     # set_source("_ffgpkg_mod") built into a package and imported as ffgpkg._ffgpkg_mod,
     # as PyNaCl's nacl._sodium is: its lib is named "_ffgpkg_mod.lib", not after the
     # module's full name. A module that only imported that lib is not taken for it.
@@ -451,7 +451,7 @@ def test_module_placed_in_a_package_is_guarded(tmp_path):
     _cc(["-shared", "-fPIC", "-O1", "-I" + sysconfig.get_paths()["include"], c_file,
          "-o", str(package / ("_ffgpkg_mod" + sysconfig.get_config_var("EXT_SUFFIX")))])
     sys.path.insert(0, str(tmp_path))
-    ffiguard.install()
+    assert ffiguard.installed()  # by the modules fixture
     try:
         from ffgpkg import _ffgpkg_mod, user
         assert _ffgpkg_mod.lib.__name__ == "_ffgpkg_mod.lib"
@@ -462,7 +462,6 @@ def test_module_placed_in_a_package_is_guarded(tmp_path):
             user.lib.pkg_deref(0x48)
         assert (info.value.address, info.value.function) == (0x48, "pkg_deref")
     finally:
-        ffiguard.uninstall()
         sys.path.remove(str(tmp_path))
         for name in ("ffgpkg", "ffgpkg.user", "ffgpkg._ffgpkg_mod"):
             sys.modules.pop(name, None)

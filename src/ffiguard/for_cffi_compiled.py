@@ -13,6 +13,7 @@ Nothing here imports cffi: a program that never loaded ``_cffi_backend`` has no
 compiled cffi module.
 """
 import collections
+import importlib.machinery
 import sys
 import threading
 
@@ -52,11 +53,15 @@ def _compiled_modules():
 
 def _own_lib(module, lib):
     """The module made this lib, rather than imported it (``from _foo import ffi, lib``
-    in some other module): the lib is named "<name>.lib" after the module name given to
-    ``set_source()``, which is the module's own name or, for a module placed inside a
-    package (PyNaCl's ``set_source("_sodium", ...)`` imported as ``nacl._sodium``), its
-    last part."""
+    in some other module). An extension module holding a cffi lib is the compiled module
+    itself. Without a file (a module built into the interpreter), the lib's name says:
+    "<name>.lib" after the module name given to ``set_source()``, which is the module's
+    own name or, for a module placed inside a package (PyNaCl's
+    ``set_source("_sodium", ...)`` imported as ``nacl._sodium``), its last part."""
     try:
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            return path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
         lib_name = getattr(lib, "__name__", None)
         mod_name = getattr(module, "__name__", None)
         if not isinstance(lib_name, str) or not isinstance(mod_name, str) \

@@ -73,45 +73,11 @@ def take():
 
 
 def unguarded():
-    """[(name, path, reason)] of the compiled cffi modules imported unguarded:
-    ffiguard.unguarded(), plus any compiled cffi module it does not account for (in
-    neither guarded_modules() nor unguarded(): see _unaccounted)."""
+    """[(name, path, reason)] of the compiled cffi modules imported unguarded
+    (ffiguard.unguarded())."""
     import ffiguard
 
-    listed = [(u.name, u.path, u.reason) for u in ffiguard.unguarded()]
-    names = {u[0] for u in listed}
-    return sorted(listed + [u for u in _unaccounted(ffiguard) if u[0] not in names])
-
-
-UNACCOUNTED = "a compiled cffi module ffiguard did not recognise: not guarded"
-
-
-def _unaccounted(ffiguard):
-    """Compiled cffi modules (an extension module whose `lib` is a _cffi_backend.Lib and
-    `ffi` a _cffi_backend.FFI) whose lib is not the lib of a module in
-    ffiguard.guarded_modules(): a safety net, so the plugin never calls a session guarded
-    while such a module was not (e.g. a module whose lib's name is not its own: PyNaCl's
-    nacl._sodium has lib "_sodium.lib")."""
-    backend = sys.modules.get("_cffi_backend")
-    lib_type = getattr(backend, "Lib", None)
-    if lib_type is None:
-        return []
-    import importlib.machinery
-
-    guarded = {id(getattr(sys.modules.get(n), "lib", None)) for n in ffiguard.guarded_modules()}
-    found = {}
-    for name, module in list(sys.modules.items()):
-        d = getattr(module, "__dict__", None)
-        if type(d) is not dict:
-            continue
-        lib, ffi = d.get("lib"), d.get("ffi")
-        if type(lib) is not lib_type or id(lib) in guarded or not any(
-                c.__module__ == "_cffi_backend" and c.__name__ == "FFI" for c in type(ffi).__mro__):
-            continue
-        path = d.get("__file__") or ""
-        if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):  # the module itself,
-            found[id(lib)] = (name, path, UNACCOUNTED)    # not one importing its lib
-    return list(found.values())
+    return sorted((u.name, u.path, u.reason) for u in ffiguard.unguarded())
 
 
 def short_list(names, limit=SHORT_NAMES):
