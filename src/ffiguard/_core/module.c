@@ -422,6 +422,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
         PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
+        PyModule_AddFunctions(m, ffg_intr_methods) < 0 || /* interrupt (issue 16) */
         PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0) {
         Py_DECREF(m);
         return NULL;
