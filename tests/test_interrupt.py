@@ -266,3 +266,61 @@ print(cls is ffiguard.isolate.ForeignTimeout, issubclass(ffiguard.ForeignInterru
 """)
     assert rc == 0, err
     assert out == "True True\n"
+
+
+def _run(args, cwd):
+    proc = subprocess.run([sys.executable, *args], cwd=str(cwd), capture_output=True, text=True,
+                          timeout=60, env=_clean_env(), stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_run_interruptible(tmp_path):
+    (tmp_path / "prog.py").write_text(textwrap.dedent(f"""
+        import ctypes, os, signal, threading
+        lib = ctypes.CDLL({CRASHERS_PATH!r})
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            lib.ffg_block_in_read()
+        except KeyboardInterrupt as e:
+            print(type(e).__name__, e.function)
+        print(lib.ffg_add(1, 2))
+        """))
+    rc, out, err = _run(["-m", "ffiguard", "run", "--interruptible", "prog.py"], tmp_path)
+    assert rc == 0, err
+    assert out == "ForeignInterrupt ffg_block_in_read\n3\n"
+
+
+def test_run_timeout(tmp_path):
+    (tmp_path / "prog.py").write_text(textwrap.dedent(f"""
+        import ctypes
+        ctypes.CDLL({CRASHERS_PATH!r}).ffg_sleep_long()
+        """))
+    rc, out, err = _run(["-m", "ffiguard", "run", "--timeout", "0.2", "prog.py"], tmp_path)
+    assert rc == 70  # an uncaught ForeignTimeout is a ForeignFault: report, status 70
+    assert "ForeignTimeout: stopped after its timeout of 0.2 s" in err and "ffg_sleep_long" in err
+
+
+def test_install_with_timeout_and_interruptible():
+    with ffiguard.install(interruptible=True, timeout=0.2):
+        lib = ctypes.CDLL(CRASHERS_PATH)
+        assert lib.ffg_spin_forever.interruptible and lib.ffg_spin_forever.timeout == 0.2
+        with pytest.raises(ffiguard.ForeignTimeout):
+            lib.ffg_spin_forever()
+    with pytest.raises(ValueError):
+        ffiguard.install(timeout=-1)
+
+
+def test_pytest_ffiguard_timeout_fails_the_hung_test_and_goes_on(tmp_path):
+    (tmp_path / "test_hang.py").write_text(textwrap.dedent(f"""
+        import ctypes
+        def test_hangs():
+            ctypes.CDLL({CRASHERS_PATH!r}).ffg_spin_forever()
+        def test_after():
+            assert ctypes.CDLL({CRASHERS_PATH!r}).ffg_add(1, 2) == 3
+        """))
+    rc, out, err = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--ffiguard",
+                         "--ffiguard-timeout=0.3", "test_hang.py"], tmp_path)
+    assert rc == 1, out + err
+    assert "ForeignTimeout: stopped after its timeout of 0.3 s in ffg_spin_forever" in out
+    assert "FAULTED test_hang.py::test_hangs - timeout (failed)" in out
+    assert "1 failed, 1 passed" in out

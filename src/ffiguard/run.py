@@ -50,6 +50,9 @@ options (before the script or -m; what follows belongs to the program):
                        SEGV,BUS,ILL,FPE,ABRT; "none" traps nothing)
   --on-fault POLICY    raise (default), quarantine or exit: the default policy of
                        every guarded library (see ffiguard.set_default_policy)
+  --interruptible      Ctrl-C stops a hung foreign call (KeyboardInterrupt with
+                       the report of where it was)
+  --timeout SECONDS    stop any guarded call that runs longer (ForeignTimeout)
   --no-install         do not guard every library (only ffiguard.CDLL and friends
                        are guarded); the exit status and report stay
   --subprocesses       also guard Python subprocesses of the program: sets
@@ -64,9 +67,10 @@ _TRUE_OFF = ("", "0", "no", "false", "off")
 # ---- switching guarding on (shared by run, the environment variable, the plugin) --------
 
 
-def activate(signals=None, on_fault=None, install=True):
+def activate(signals=None, on_fault=None, install=True, interruptible=False, timeout=None):
     """Import ffiguard, trap `signals` (a spec like "SEGV,BUS", or None for all), set
-    the default on_fault policy, and guard every library loaded from now on."""
+    the default on_fault policy, and guard every library loaded from now on;
+    `interruptible`: Ctrl-C stops guarded calls, `timeout`: seconds per call."""
     import ffiguard
     from ffiguard import signals as _signals
 
@@ -74,8 +78,10 @@ def activate(signals=None, on_fault=None, install=True):
         _signals.select(signals)
     if on_fault is not None:
         ffiguard.set_default_policy(on_fault)
+    if interruptible:  # interrupt (issue 16): also for ffiguard.CDLL under --no-install
+        ffiguard.set_default_interruptible(True)
     if install:
-        ffiguard.install()
+        ffiguard.install(timeout=timeout)
     return ffiguard
 
 
@@ -182,8 +188,8 @@ class TargetError(Exception):
 def parse(argv):
     """Split `run`'s arguments: (options dict, "script"|"module", target, program args)."""
     opts = {"signals": None, "on_fault": None, "install": True, "subprocesses": False,
-            "help": False}
-    valued = {"--signals": "signals", "--on-fault": "on_fault"}
+            "help": False, "interruptible": False, "timeout": None}
+    valued = {"--signals": "signals", "--on-fault": "on_fault", "--timeout": "timeout"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -194,6 +200,8 @@ def parse(argv):
             opts["install"] = False
         elif arg == "--subprocesses":
             opts["subprocesses"] = True
+        elif arg == "--interruptible":
+            opts["interruptible"] = True
         elif arg.split("=", 1)[0] in valued:
             name, eq, value = arg.partition("=")
             if not eq:
@@ -366,6 +374,10 @@ def main(argv):
             from ffiguard import signals as _signals
 
             _signals.parse(opts["signals"])
+        if opts["timeout"] is not None:
+            opts["timeout"] = float(opts["timeout"])
+            if not opts["timeout"] > 0:
+                raise ValueError("--timeout must be a positive number of seconds")
     except (UsageError, ValueError) as e:
         sys.stderr.write("%s\npython -m ffiguard run: error: %s\n" % (USAGE, e))
         return 2
@@ -381,7 +393,8 @@ def main(argv):
             # python -m: argv[0] is "-m" while the module is looked up
             sys.argv = ["-m"] + list(args)
             # guard before the module's package is imported: that import is the program's
-            activate(opts["signals"], opts["on_fault"], opts["install"])
+            activate(opts["signals"], opts["on_fault"], opts["install"], opts["interruptible"],
+                     opts["timeout"])
             code, attrs = _module(target)
             sys.argv[0] = attrs["__file__"]
         else:
@@ -391,7 +404,8 @@ def main(argv):
             elif attrs["__spec__"] is not None:  # a directory or zip always goes first
                 sys.path.insert(0, path0)
             sys.argv = [argv0] + list(args)
-            activate(opts["signals"], opts["on_fault"], opts["install"])
+            activate(opts["signals"], opts["on_fault"], opts["install"], opts["interruptible"],
+                     opts["timeout"])
     except TargetError as e:
         sys.stderr.write("%s: %s\n" % (sys.executable, e))
         return e.status
