@@ -324,3 +324,21 @@ def test_pytest_ffiguard_timeout_fails_the_hung_test_and_goes_on(tmp_path):
     assert "ForeignTimeout: stopped after its timeout of 0.3 s in ffg_spin_forever" in out
     assert "FAULTED test_hang.py::test_hangs - timeout (failed)" in out
     assert "1 failed, 1 passed" in out
+
+
+def test_cffi_function_timeout():
+    from conftest import import_cffi
+    cffi = import_cffi()
+    ffi = cffi.FFI()
+    ffi.cdef("void ffg_spin_forever(void); int ffg_add(int, int);")
+    lib = ffiguard.guard(ffi.dlopen(CRASHERS_PATH))
+    lib.ffg_spin_forever.timeout = 0.1  # per function: a GuardedLibrary keeps its functions
+    with pytest.raises(ffiguard.ForeignTimeout) as info:
+        lib.ffg_spin_forever()
+    assert info.value.symbol == "ffg_spin_forever" and info.value.timeout == 0.1
+    assert lib.ffg_add(1, 2) == 3
+    previous = ffiguard.set_default_interruptible()
+    try:
+        assert ffiguard.guard(ffi.dlopen(CRASHERS_PATH)).ffg_add.interruptible is True
+    finally:
+        ffiguard.set_default_interruptible(previous)

@@ -87,7 +87,8 @@ def guard_function(fp, name=None, policy=None):
         stubbed = fp
     if name is None:  # the symbol, else what it is: "<int(*)(int, int) at 0x7f...>"
         name = _symbol_name(target) or "<%s at %#x>" % (_backend.typeof(fp).cname, target)
-    return _core.GuardedFunction(stubbed, name, policy, target)
+    from .interrupt import resolve_interruptible  # interrupt (issue 16): set_default_interruptible()
+    return _core.GuardedFunction(stubbed, name, policy, target, interruptible=resolve_interruptible(None))
 
 
 def _find_ffi(lib):
