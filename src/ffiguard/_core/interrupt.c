@@ -250,33 +250,48 @@ static void ffg_intr_after_fork(void)
     __atomic_store_n(&ffg_intr_main, NULL, __ATOMIC_RELEASE);
 }
 
-/* Choose the interrupt signal and install our handler for it (once). -1 + exception. */
+/* Whether a timer can signal this thread with s (qemu-user accepts sigaction for the
+ * guest's two highest real-time signals but refuses timers on them: EINVAL). */
+static int ffg_timer_signal_works(int s)
+{
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = s;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid); /* sigev_notify_thread_id */
+    timer_t probe;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &probe) != 0)
+        return 0;
+    timer_delete(probe);
+    return 1;
+}
+
+/* Choose the interrupt signal and install our handler for it (once): the highest
+ * real-time signal with no handler that a timer can send. -1 + exception. */
 static int ffg_intr_setup(void)
 {
     int rc = 0;
     pthread_mutex_lock(&ffg_intr_lock);
     if (!ffg_intr_signo) {
-        int chosen = 0;
-        for (int s = SIGRTMAX; s > SIGRTMIN && !chosen; s--) {
-            struct sigaction cur;
-            if (sigaction(s, NULL, &cur) == 0 && !(cur.sa_flags & SA_SIGINFO) && cur.sa_handler == SIG_DFL)
-                chosen = s;
-        }
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_sigaction = ffg_on_signal;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
         sigemptyset(&sa.sa_mask);
-        if (!chosen) {
+        for (int s = SIGRTMAX; s > SIGRTMIN && !ffg_intr_signo; s--) {
+            struct sigaction cur;
+            if (sigaction(s, NULL, &cur) != 0 || (cur.sa_flags & SA_SIGINFO) || cur.sa_handler != SIG_DFL ||
+                !ffg_timer_signal_works(s))
+                continue;
+            ffg_intr_signo = s; /* first: our handler passes on what it does not know */
+            if (sigaction(s, &sa, NULL) != 0)
+                ffg_intr_signo = 0;
+        }
+        if (ffg_intr_signo)
+            pthread_atfork(NULL, NULL, ffg_intr_after_fork);
+        else {
             errno = EBUSY;
             rc = -1;
-        } else {
-            ffg_intr_signo = chosen; /* first: our handler passes on what it does not know */
-            rc = sigaction(chosen, &sa, NULL);
-            if (rc == 0)
-                pthread_atfork(NULL, NULL, ffg_intr_after_fork);
-            else
-                ffg_intr_signo = 0;
         }
     }
     pthread_mutex_unlock(&ffg_intr_lock);
