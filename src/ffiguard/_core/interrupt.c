@@ -47,6 +47,8 @@
 #define FFG_INTR_RETRY_NS (10 * 1000 * 1000) /* a deferred stop is tried again after 10 ms */
 #define FFG_NS_PER_S_INT 1000000000LL
 #define FFG_TIMEOUT_MAX_S 1e9 /* ~31 years: keeps the deadline inside int64 nanoseconds */
+#define FFG_STRINGIFY_(x) #x
+#define FFG_STRINGIFY(x) FFG_STRINGIFY_(x)
 
 volatile sig_atomic_t ffg_intr_signo; /* atomic: 0 until ffg_intr_setup chose it */
 
@@ -433,8 +435,8 @@ int ffg_intr_timeout_ns(PyObject *timeout, int64_t *ns)
         return -1;
     }
     if (!(s > 0) || !isfinite(s) || s > FFG_TIMEOUT_MAX_S) {
-        PyErr_Format(PyExc_ValueError, "timeout must be a positive number of seconds (at most %g) or None, "
-                     "not %R", FFG_TIMEOUT_MAX_S, timeout);
+        PyErr_Format(PyExc_ValueError, "timeout must be a positive number of seconds (at most "
+                     FFG_STRINGIFY(FFG_TIMEOUT_MAX_S) ") or None, not %R", timeout);
         return -1;
     }
     *ns = (int64_t)(s * FFG_NS_PER_S);
