@@ -228,6 +228,34 @@ except ffiguard.ForeignTimeout as e:
     assert out == "ForeignTimeout True True\n"
 
 
+def test_a_callback_loop_is_never_stopped_in_the_interpreters_own_code():
+    # Almost all the time goes to entering and leaving the callback (the closure
+    # trampoline, libffi, ctypes, PyGILState_Ensure/take_gil): a stop there (the GIL's
+    # mutex held) hung the next call. Five such calls, each stopped, then one more.
+    rc, out, err = run_python("""
+import ffiguard
+lib = ffiguard.CDLL(CRASHERS_PATH, timeout=0.1)
+lib.ffg_callback_loop.argtypes = [CALLBACK, ctypes.c_long]
+lib.ffg_add.argtypes = [ctypes.c_int, ctypes.c_int]
+counts = [0, 0]
+def cb(i):
+    counts[0] += 1
+    try:
+        return 0
+    finally:
+        counts[1] += 1
+stopped = 0
+for n in range(5):
+    try:
+        lib.ffg_callback_loop(CALLBACK(cb), 0)
+    except ffiguard.ForeignTimeout:
+        stopped += 1
+print(stopped, counts[0] == counts[1], lib.ffg_add(1, 2))
+""")
+    assert rc == 0, err
+    assert out == "5 True 3\n"
+
+
 def test_timeout_values_and_the_per_function_attribute():
     lib = lib_with()
     f = lib.ffg_sleep_us

@@ -137,17 +137,49 @@ static int ffg_is_stack_overflow(const struct ffg_thread *t, const struct ffg_fa
  * unmaps right now) could still fault: the handler runs with SA_NODEFER, so that fault
  * re-enters it, sees t->unwinding and jumps back here with what was collected so far
  * (nothing is left locked: the unwinder holds no lock). */
-static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
-                 const ucontext_t *uc)
+static int ffg_walk_into(const struct ffg_thread *t, const struct ffg_frame *f, const ucontext_t *uc,
+                         int bad_call, uintptr_t *pcs, int max, volatile int *npcs)
 {
-    uintptr_t lo = r->sp - FFG_RED_ZONE, hi = f->sp;
-    if (lo > r->sp)
+    uintptr_t sp = ffg_uc_sp(uc);
+    uintptr_t lo = sp - FFG_RED_ZONE, hi = f->sp;
+    if (lo > sp)
         lo = 0; /* sp within the red zone of address 0: nothing to read anyway */
     if (t->stack_hi) {
         lo = lo > t->stack_lo ? lo : t->stack_lo;
         hi = hi < t->stack_hi ? hi : t->stack_hi;
     }
-    ffg_unwind(uc, lo, hi, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
+    return ffg_unwind(uc, lo, hi, bad_call, pcs, max, npcs);
+}
+
+static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                 const ucontext_t *uc)
+{
+    ffg_walk_into(t, f, uc, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
+}
+
+/* interrupt (issue 16): whether every frame between the interrupted code and the guard
+ * frame is known (the walk reached the thunk) and none is the host's own machinery
+ * (the interpreter, ctypes, cffi, libffi: a callback entering or leaving Python, e.g.
+ * holding the GIL's mutex in take_gil). Unknown frames (no unwind information, code in
+ * no ELF object such as libffi's closure trampolines, deeper than FFG_INTR_WALK_MAX)
+ * count as "not known to be foreign": the stop waits. Signal handler. */
+#define FFG_INTR_WALK_MAX 1024 /* frames: 8 KiB of the alternate signal stack */
+
+static int ffg_only_foreign_frames(struct ffg_thread *t, const struct ffg_frame *f, const ucontext_t *uc)
+{
+    uintptr_t pcs[FFG_INTR_WALK_MAX];
+    volatile int n = 0;
+    volatile int complete = 0;
+    t->unwinding = 1;
+    if (sigsetjmp(t->unwind_escape, 0) == 0)
+        complete = ffg_walk_into(t, f, uc, 0, pcs, FFG_INTR_WALK_MAX, &n);
+    t->unwinding = 0;
+    if (!complete)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (ffg_intr_in_host(pcs[i]))
+            return 0;
+    return 1;
 }
 
 static void ffg_capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
@@ -225,13 +257,8 @@ int ffg_stop_call(struct ffg_thread *t, uint64_t token, int signo, int code, uco
     struct ffg_fault *r = ffg_free_record(t);
     if (!r)
         return 0;
-    /* Not while the interpreter's own machinery is on the stack above the guard frame
-     * (a callback entering or leaving Python: the GIL's lock). The slot is not
-     * published yet (token 0): a deferral leaves it free. */
-    ffg_capture_pcs(t, f, r, uc);
-    for (int i = 0; i < r->npcs; i++)
-        if (ffg_intr_in_host(r->pcs[i]))
-            return 0;
+    if (!ffg_only_foreign_frames(t, f, uc))
+        return 0;
     siginfo_t si;
     memset(&si, 0, sizeof si);
     si.si_signo = signo;

@@ -140,8 +140,8 @@ uint64_t ffg_unwind_escapes(void);       /* faults inside the unwinder, escaped:
  * innermost first, up to max, keeping *npcs current (a fault while unwinding leaves a
  * valid prefix). Stack reads stay inside [lo, hi); bad_call: pc may be a call's bad
  * target (an instruction fetch fault). */
-void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
-                volatile int *npcs);
+int ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
+               volatile int *npcs); /* 1: the walk reached the guard thunk (every frame known) */
 int ffg_unwind_available(void);          /* glibc has _dl_find_object: frames beyond pc */
 void ffg_unwind_set_available(int on);   /* for the tests: as without _dl_find_object */
 
