@@ -31,6 +31,7 @@ core_sources = [
     "src/ffiguard/_core/shield.c",
     "src/ffiguard/_core/got.c",
     "src/ffiguard/_core/shield_heap.c",
+    "src/ffiguard/_core/interrupt.c",
 ]
 core_macros = []
 if sys.platform.startswith("linux") and machine in ARCH_FILES:
@@ -102,7 +103,7 @@ setup(
                      "src/ffiguard/_core/shield.h", "src/ffiguard/_core/arch/x86_64.h",
                      "src/ffiguard/_core/arch/aarch64.h", "src/ffiguard/_core/arch/none.h"],
             extra_compile_args=WARN + ["-fno-strict-aliasing"] + ALIGN + ARCH_FLAGS + OURS,
-            libraries=["dl"],
+            libraries=["dl", "rt"],  # rt: timer_create on glibc < 2.34
             # Bind every symbol at load time: no lazy binding inside the signal handler.
             extra_link_args=["-Wl,-z,now"] + OURS_LINK,
         ),

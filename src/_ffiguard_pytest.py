@@ -22,6 +22,10 @@ def pytest_addoption(parser):
                     help="what happens to a library after a fault (default raise: it can be "
                          "called again; quarantine: later calls raise LibraryQuarantined; "
                          "exit: end the process with status 70)")
+    group.addoption("--ffiguard-timeout", metavar="SECONDS", type=float, default=None,
+                    help="with --ffiguard: a foreign call that runs longer is stopped "
+                         "(ForeignTimeout): the hung test fails with the report of where it "
+                         "was, and the session goes on")
 
 
 def _wanted(namespace):

@@ -26,9 +26,11 @@ from . import signals as _signals  # installs the handlers
 from ._core import GuardedFunction
 from .faults import (
     ArithmeticFault, BusError, ForeignAbort, ForeignFault, ForeignStackOverflow,
-    IllegalInstruction, LibraryQuarantined, ProtectionKeyViolation, SegmentationFault,
-    UnsupportedPlatform,
+    ForeignTimeout, IllegalInstruction, LibraryQuarantined, ProtectionKeyViolation,
+    SegmentationFault, UnsupportedPlatform,
 )
+# Stopping a hung call (Ctrl-C, timeouts): issue 16
+from .interrupt import ForeignInterrupt, get_default_interruptible, set_default_interruptible
 from . import for_ctypes as _for_ctypes
 from .for_ctypes import CDLL, cdll
 from .everything import install, installed, uninstall
@@ -53,12 +55,15 @@ __all__ = [
     # shield mode:
     "shield", "unshield", "protected_buffer", "ProtectionKeyViolation",
     "shield_interpreter", "ShieldUnavailable",
+    # stopping a hung call (trap mode's and isolate mode's ForeignTimeout):
+    "ForeignInterrupt", "ForeignTimeout", "set_default_interruptible",
+    "get_default_interruptible",
     # isolate mode (loaded on first use):
-    "IsolatedCDLL", "foreign_buffer", "foreign_new", "ForeignTimeout", "ForeignExit",
+    "IsolatedCDLL", "foreign_buffer", "foreign_new", "ForeignExit",
     "HelperDied", "HelperUnavailable", "StaleHandle",
 ]
 
-_ISOLATE_NAMES = frozenset(__all__[-8:])
+_ISOLATE_NAMES = frozenset(__all__[-7:])
 
 
 def __getattr__(name):

@@ -94,6 +94,12 @@ def call_cases(path: str) -> List[Case]:
     return [
         Case("ctypes ffg_noop()", plain.ffg_noop, guarded.ffg_noop, (), None, goal=True),
         Case("ctypes ffg_add(1, 2)", plain.ffg_add, guarded.ffg_add, (1, 2), 3),
+        # interrupt (issue 16): arm and disarm the thread's timer around each call; a
+        # Ctrl-C-stoppable call (main thread) asks Python's SIGINT handler and sigaction
+        Case("ctypes ffg_noop(), timeout=60", plain.ffg_noop,
+             ffiguard.guard(guarded.ffg_noop, timeout=60), (), None),
+        Case("ctypes ffg_noop(), interruptible", plain.ffg_noop,
+             ffiguard.guard(guarded.ffg_noop, interruptible=True), (), None),
     ] + cffi_cases(path)
 
 

@@ -71,9 +71,12 @@ class InstalledCDLL(_GuardedCDLL, metaclass=_Meta):
     whose _func_flags_ say PYTHONAPI (a subclass mimicking PyDLL) are left unguarded."""
 
     def __init__(self, name, *args, **kwargs):
+        state = _state
         if "on_fault" not in kwargs:
-            state = _state
             kwargs["on_fault"] = state.on_fault if state is not None else None
+        if state is not None:  # interrupt (issue 16): install(interruptible=, timeout=)
+            kwargs.setdefault("interruptible", state.interruptible)
+            kwargs.setdefault("timeout", state.timeout)
         super().__init__(name, *args, **kwargs)
 
     def __getitem__(self, name_or_ordinal):
@@ -274,6 +277,8 @@ class _CffiImportHook:
 class _Installation:
     def __init__(self, on_fault):
         self.on_fault = on_fault
+        self.interruptible = None  # interrupt (issue 16): for the ctypes libraries loaded
+        self.timeout = None
         self.undo = {}  # module name -> how to undo its patch
         self.hook = None
         self.undo_compiled = lambda: None  # compiled cffi modules: see install()
@@ -316,12 +321,16 @@ class Installed:
             self._installation.on_fault, "" if _state is self._installation else " (uninstalled)")
 
 
-def install(on_fault=None):
+def install(on_fault=None, interruptible=None, timeout=None):
     """Guard every library loaded from now on through ctypes.CDLL, ctypes.cdll,
     ctypes.LibraryLoader(ctypes.CDLL) or cffi.FFI.dlopen.
 
     on_fault ("raise", "quarantine", "exit", or None for the global default) is the
     policy of each library loaded while installed (each library gets its own policy).
+    interruptible (Ctrl-C stops a call on the main thread; None: the default of
+    set_default_interruptible()) and timeout (seconds per call, None: none) apply to the
+    ctypes libraries loaded while installed (not yet to cffi's: see docs/design.md,
+    "Stopping a hung call").
     Returns a context manager: ``with ffiguard.install(): ...`` uninstalls at the end.
     Installing again while installed changes nothing (a ``with`` block around such a
     call leaves it installed); asking for another on_fault then is a ValueError.
@@ -329,6 +338,7 @@ def install(on_fault=None):
     global _state
     if on_fault is not None:
         make_policy(None, on_fault)  # validates
+    _core.GuardedFunction(len, timeout=timeout)  # validates the timeout (interrupt, issue 16)
     _check_supported()
     with _lock:
         if _state is not None:
@@ -337,6 +347,7 @@ def install(on_fault=None):
                                  "first to install with on_fault=%r" % (_state.on_fault, on_fault))
             return Installed(_state, owner=False)
         installation = _Installation(on_fault)
+        installation.interruptible, installation.timeout = interruptible, timeout
         ctypes.CDLL = InstalledCDLL
         ctypes.cdll._dlltype = InstalledCDLL
         for name in _CFFI_MODULES:

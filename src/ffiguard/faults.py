@@ -8,7 +8,7 @@ from . import _core
 __all__ = [
     "ForeignFault", "SegmentationFault", "BusError", "IllegalInstruction", "ArithmeticFault",
     "ForeignAbort", "ForeignStackOverflow", "LibraryQuarantined", "UnsupportedPlatform",
-    "ProtectionKeyViolation", "code_name", "describe_pc",
+    "ProtectionKeyViolation", "ForeignTimeout", "code_name", "describe_pc",
 ]
 
 _STATE_WARNING = """
@@ -230,6 +230,42 @@ class ForeignAbort(ForeignFault):
             from . import abortmsg
             exc._abort_message = abortmsg.take()
         return exc
+
+
+def _stop_message(exc, how):
+    """The message of a stopped call (interrupt, issue 16): how, where, which call."""
+    parts = [how]
+    if exc._raw is not None and not exc._raw[REC_PC]:
+        parts.append("(its return, while Python code ran: it was never in foreign code when tried)")
+    else:
+        library, symbol, where = exc._where()
+        parts.append("in " + where if symbol else "at " + where)
+    if exc.function:
+        parts.append("during call to %s" % exc.function)
+    return " ".join(parts)
+
+
+class ForeignTimeout(ForeignFault):
+    """A foreign call ran longer than its timeout and was stopped.
+
+    Trap mode (``timeout=`` on ffiguard.CDLL or guard(), ``lib.f.timeout``): the call
+    was stopped where it was, as a fault is recovered, and ``pc``, ``frames`` and
+    ``report()`` say where it hung (``signal`` is None: no fault). Isolate mode: the
+    helper was killed (and is restarted for the next call under restart="always"); ``pid``
+    is the helper's. ``timeout`` (seconds), ``function``. Defined here (isolate mode
+    raises the same class) so that importing it does not load isolate mode."""
+
+    timeout = _field("timeout", lambda self: None)
+    pid = _field("pid", lambda self: None)
+    signal = _field("signal", lambda self: None)
+    code_name = _field("code_name", lambda self: None)
+    message = _field("message", lambda self: _stop_message(
+        self, "stopped after its timeout of %g s" % self.timeout if self.timeout else "stopped (timeout)"))
+
+    def __reduce__(self):
+        rebuild, (cls, values), *rest = ForeignFault.__reduce__(self)
+        values = dict(values, timeout=self.timeout, pid=self.pid)
+        return (rebuild, (cls, values), *rest)
 
 
 class LibraryQuarantined(RuntimeError):

@@ -89,7 +89,9 @@ def guard_function(fp, name=None, policy=None, shield=True):
         stubbed = fp
     if name is None:  # the symbol, else what it is: "<int(*)(int, int) at 0x7f...>"
         name = _symbol_name(target) or "<%s at %#x>" % (_backend.typeof(fp).cname, target)
-    return _core.GuardedFunction(stubbed, name, policy, target, bool(shield))  # shield: issue 13
+    from .interrupt import resolve_interruptible  # interrupt (issue 16): set_default_interruptible()
+    return _core.GuardedFunction(stubbed, name, policy, target, bool(shield),  # shield: issue 13
+                                 interruptible=resolve_interruptible(None))
 
 
 def _find_ffi(lib):

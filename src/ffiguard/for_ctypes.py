@@ -15,6 +15,7 @@ import threading
 from . import _core
 from .faults import UnsupportedPlatform
 from .policy import check_on_fault
+from .interrupt import resolve_interruptible
 
 __all__ = ["CDLL", "cdll", "guard"]
 
@@ -67,21 +68,30 @@ def _target_of(wrapped):
     return _core.stub_target(stub)
 
 
-def guard(func, name=None, policy=None, shield=None):
+def guard(func, name=None, policy=None, shield=None, interruptible=None, timeout=None):
     """Return a GuardedFunction that calls the ctypes function object `func`.
 
     A fault inside the call raises an ffiguard.ForeignFault subclass instead of killing
     the process. `name` is used in reports (default: func.__name__). `policy` (a
     _core.Policy, normally the library's) decides what happens after a fault. `shield`
     (default True): its calls lock memory shielded with ffiguard.shield(); False keeps
-    the plain hot path. Guarding an already guarded function returns it unchanged
-    (with `shield` given and different: a new GuardedFunction of the same function).
+    the plain hot path. `interruptible` (default: set_default_interruptible()'s): Ctrl-C
+    stops a call on the main thread (ForeignInterrupt); `timeout` (seconds, default
+    None): a call that runs longer is stopped (ForeignTimeout). Guarding an already
+    guarded function returns it unchanged (with `shield`, `interruptible` or `timeout`
+    given and different: a new GuardedFunction of the same function).
     """
     if isinstance(func, _core.GuardedFunction):
-        if shield is None or bool(shield) == func.__shield__:
+        same = ((shield is None or bool(shield) == func.__shield__) and
+                (interruptible is None or bool(interruptible) == func.interruptible) and
+                (timeout is None or timeout == func.timeout))
+        if same:
             return func
-        return _core.GuardedFunction(func.__wrapped__, func.__guarded_name__, func.__policy__,
-                                     _target_of(func.__wrapped__), bool(shield))
+        return _core.GuardedFunction(
+            func.__wrapped__, func.__guarded_name__, func.__policy__, _target_of(func.__wrapped__),
+            func.__shield__ if shield is None else bool(shield),
+            func.interruptible if interruptible is None else bool(interruptible),
+            func.timeout if timeout is None else timeout)
     if not isinstance(func, ctypes._CFuncPtr):
         raise TypeError("guard() takes a ctypes function object (from a CDLL, or a CFUNCTYPE "
                         "prototype), not %s" % type(func).__name__)
@@ -89,8 +99,10 @@ def guard(func, name=None, policy=None, shield=None):
     if func._flags_ & ctypes._FUNCFLAG_PYTHONAPI:
         raise TypeError("functions from PyDLL/pythonapi run Python's own C API with the GIL "
                         "held; ffiguard does not guard them")
+    interruptible = resolve_interruptible(interruptible)
     target = _retarget(func)
-    return _core.GuardedFunction(func, name, policy, target, True if shield is None else bool(shield))
+    return _core.GuardedFunction(func, name, policy, target, True if shield is None else bool(shield),
+                                 interruptible, timeout)
 
 
 def make_policy(name, on_fault):
@@ -109,7 +121,10 @@ class CDLL(ctypes.CDLL):
 
     Takes the same arguments as ctypes.CDLL, plus on_fault ("raise", "quarantine" or
     "exit"; default: the global policy) for what happens after a fault, and shield
-    (default True; False: its calls never lock memory shielded with ffiguard.shield()). `mode` is
+    (default True; False: its calls never lock memory shielded with ffiguard.shield()),
+    interruptible (Ctrl-C stops its calls on the main thread: ForeignInterrupt; default:
+    set_default_interruptible()'s) and timeout (seconds: a call that runs longer is
+    stopped, ForeignTimeout; per function: lib.f.timeout). `mode` is
     ctypes' dlopen flags when an int, or ffiguard's mode when a str: "trap" (the
     default: guarded calls in this process) or "isolate" (the library runs in a helper
     process: see ffiguard.isolate.IsolatedCDLL for its options, e.g. timeout=).
@@ -128,17 +143,22 @@ class CDLL(ctypes.CDLL):
         return super().__new__(cls)
 
     def __init__(self, name, mode=ctypes.DEFAULT_MODE, *args, on_fault=None, shield=True,
-                 **kwargs):
+                 interruptible=None, timeout=None, **kwargs):
         _check_supported()
         if mode == "trap":
             mode = ctypes.DEFAULT_MODE
         self._ffiguard_policy = make_policy(name, on_fault)
         self._ffiguard_shield = bool(shield)  # shield=False: calls never lock shielded memory
+        # interrupt (issue 16): Ctrl-C / timeout for its functions (each can change its own)
+        self._ffiguard_interruptible = resolve_interruptible(interruptible)
+        _core.GuardedFunction(len, timeout=timeout)  # a bad timeout is refused here, not at the first call
+        self._ffiguard_timeout = timeout
         super().__init__(name, mode, *args, **kwargs)
 
     def __getitem__(self, name_or_ordinal):
         return guard(super().__getitem__(name_or_ordinal), policy=self._ffiguard_policy,
-                     shield=self._ffiguard_shield)
+                     shield=self._ffiguard_shield, interruptible=self._ffiguard_interruptible,
+                     timeout=self._ffiguard_timeout)
 
 
 cdll = ctypes.LibraryLoader(CDLL)

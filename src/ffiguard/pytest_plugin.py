@@ -40,7 +40,9 @@ test during which it happened.
 
 Options: --ffiguard-signals SPEC (which signals are trapped: "SEGV,BUS"; default all),
 --ffiguard-on-fault raise|quarantine|exit (default raise: the next test may call the
-library again; exit ends the worker/session at the fault with status 70).
+library again; exit ends the worker/session at the fault with status 70),
+--ffiguard-timeout SECONDS (a foreign call running longer is stopped: the hung test fails
+with a ForeignTimeout and its report, and the session goes on).
 """
 import os
 import re
@@ -66,12 +68,18 @@ def activate(config, namespace, from_run=False):
 
     signals = getattr(namespace, "ffiguard_signals", None)
     on_fault = getattr(namespace, "ffiguard_on_fault", None)
+    timeout = getattr(namespace, "ffiguard_timeout", None)  # interrupt (issue 16)
+    interruptible = False
     if from_run:  # run's own options, for its xdist workers
         signals = signals or os.environ.get(run.RUN_SIGNALS) or None
         on_fault = on_fault or os.environ.get(run.RUN_ON_FAULT) or None
+        if timeout is None and os.environ.get(run.RUN_TIMEOUT):
+            timeout = float(os.environ[run.RUN_TIMEOUT])
+        interruptible = os.environ.get(run.RUN_INTERRUPTIBLE) == "1"
     owner = not ffiguard.installed()  # e.g. not already on under `ffiguard run -m pytest`
     try:
-        run.activate(signals=signals, on_fault=on_fault)
+        run.activate(signals=signals, on_fault=on_fault, timeout=timeout,
+                     interruptible=interruptible)
     except (ValueError, RuntimeError) as e:
         raise pytest.UsageError("ffiguard: %s" % e)
     config.pluginmanager.register(_Session(ffiguard, owner), PLUGIN_NAME)
@@ -191,7 +199,8 @@ class _Session:
         if fault is not None:
             report = outcome.get_result()
             report.sections.append((SECTION, run.report_text(fault)))
-            report.user_properties.append((PROPERTY, fault.signal.name))
+            # a ForeignTimeout (--ffiguard-timeout) has no signal
+            report.user_properties.append((PROPERTY, fault.signal.name if fault.signal else "timeout"))
 
     def pytest_exception_interact(self, node, call, report):
         # the one hook that sees a collection error's exception (a library call faulting

@@ -42,6 +42,8 @@ EXIT_FAULT = 70  # EX_SOFTWARE, the same status as on_fault="exit"
 RUN_PID = "FFIGUARD_RUN"
 RUN_SIGNALS = "FFIGUARD_RUN_SIGNALS"
 RUN_ON_FAULT = "FFIGUARD_RUN_ON_FAULT"
+RUN_INTERRUPTIBLE = "FFIGUARD_RUN_INTERRUPTIBLE"  # "1" for --interruptible
+RUN_TIMEOUT = "FFIGUARD_RUN_TIMEOUT"  # --timeout's seconds
 
 USAGE = """\
 usage: python -m ffiguard run [options] script.py [args...]
@@ -61,6 +63,9 @@ options (before the script, -m or -c; what follows belongs to the program):
                        SEGV,BUS,ILL,FPE,ABRT; "none" traps nothing)
   --on-fault POLICY    raise (default), quarantine or exit: the default policy of
                        every guarded library (see ffiguard.set_default_policy)
+  --interruptible      Ctrl-C stops a hung foreign call (KeyboardInterrupt with
+                       the report of where it was)
+  --timeout SECONDS    stop any guarded call that runs longer (ForeignTimeout)
   --no-install         do not guard every library (only ffiguard.CDLL and friends
                        are guarded); the exit status and report stay
   --shield             shield the interpreter's heap (ffiguard.shield_interpreter()):
@@ -79,9 +84,11 @@ _TRUE_OFF = ("", "0", "no", "false", "off")
 # ---- switching guarding on (shared by run, the environment variable, the plugin) --------
 
 
-def activate(signals=None, on_fault=None, install=True, shield=False):
+def activate(signals=None, on_fault=None, install=True, shield=False, interruptible=False,
+             timeout=None):
     """Import ffiguard, trap `signals` (a spec like "SEGV,BUS", or None for all), set
-    the default on_fault policy, and guard every library loaded from now on; with
+    the default on_fault policy, and guard every library loaded from now on;
+    `interruptible`: Ctrl-C stops guarded calls, `timeout`: seconds per call; with
     `shield`, ffiguard.shield_interpreter() too (ShieldUnavailable where it cannot)."""
     import ffiguard
     from ffiguard import signals as _signals
@@ -90,8 +97,10 @@ def activate(signals=None, on_fault=None, install=True, shield=False):
         _signals.select(signals)
     if on_fault is not None:
         ffiguard.set_default_policy(on_fault)
+    if interruptible:  # interrupt (issue 16): also for ffiguard.CDLL under --no-install
+        ffiguard.set_default_interruptible(True)
     if install:
-        ffiguard.install()
+        ffiguard.install(timeout=timeout)
     if shield:  # shield (issue 13): run --shield
         ffiguard.shield_interpreter()
     return ffiguard
@@ -201,8 +210,8 @@ def parse(argv):
     """Split `run`'s arguments: (options dict, "script"|"module"|"command", target,
     program args)."""
     opts = {"signals": None, "on_fault": None, "install": True, "subprocesses": False,
-            "help": False, "shield": False}
-    valued = {"--signals": "signals", "--on-fault": "on_fault"}
+            "help": False, "shield": False, "interruptible": False, "timeout": None}
+    valued = {"--signals": "signals", "--on-fault": "on_fault", "--timeout": "timeout"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -215,6 +224,8 @@ def parse(argv):
             opts["shield"] = True
         elif arg == "--subprocesses":
             opts["subprocesses"] = True
+        elif arg == "--interruptible":
+            opts["interruptible"] = True
         elif arg.split("=", 1)[0] in valued:
             name, eq, value = arg.partition("=")
             if not eq:
@@ -408,6 +419,10 @@ def main(argv):
             from ffiguard import signals as _signals
 
             _signals.parse(opts["signals"])
+        if opts["timeout"] is not None:
+            opts["timeout"] = float(opts["timeout"])
+            if not opts["timeout"] > 0:
+                raise ValueError("--timeout must be a positive number of seconds")
     except (UsageError, ValueError) as e:
         sys.stderr.write("%s\npython -m ffiguard run: error: %s\n" % (USAGE, e))
         return 2
@@ -423,14 +438,14 @@ def main(argv):
             # python -m: argv[0] is "-m" while the module is looked up
             sys.argv = ["-m"] + list(args)
             # guard before the module's package is imported: that import is the program's
-            activate(opts["signals"], opts["on_fault"], opts["install"], opts["shield"])
+            _activate(opts)
             code, attrs = _module(target)
             sys.argv[0] = attrs["__file__"]
         elif kind == "command":
             if not safe_path:
                 sys.path[0] = ""  # python -c: the current directory, as ""
             sys.argv = ["-c"] + list(args)
-            activate(opts["signals"], opts["on_fault"], opts["install"])
+            _activate(opts)
             code, attrs = _command(target)
         else:
             code, attrs, path0, argv0 = _script(target)
@@ -439,7 +454,7 @@ def main(argv):
             elif attrs["__spec__"] is not None:  # a directory or zip always goes first
                 sys.path.insert(0, path0)
             sys.argv = [argv0] + list(args)
-            activate(opts["signals"], opts["on_fault"], opts["install"], opts["shield"])
+            _activate(opts)
     except TargetError as e:
         sys.stderr.write("%s: %s\n" % (sys.executable, e))
         return e.status
@@ -459,12 +474,19 @@ def main(argv):
     return execute(code, attrs)
 
 
+def _activate(opts):
+    activate(opts["signals"], opts["on_fault"], opts["install"], shield=opts["shield"],
+             interruptible=opts["interruptible"], timeout=opts["timeout"])
+
+
 def _export_run(opts):
     """RUN_PID & co. in the program's environment (see RUN_PID), or none of them."""
-    for name in (RUN_PID, RUN_SIGNALS, RUN_ON_FAULT):
+    for name in (RUN_PID, RUN_SIGNALS, RUN_ON_FAULT, RUN_INTERRUPTIBLE, RUN_TIMEOUT):
         os.environ.pop(name, None)
     if opts["install"]:
         os.environ[RUN_PID] = str(os.getpid())
-        for name, value in ((RUN_SIGNALS, opts["signals"]), (RUN_ON_FAULT, opts["on_fault"])):
+        for name, value in ((RUN_SIGNALS, opts["signals"]), (RUN_ON_FAULT, opts["on_fault"]),
+                            (RUN_INTERRUPTIBLE, "1" if opts["interruptible"] else None),
+                            (RUN_TIMEOUT, None if opts["timeout"] is None else repr(opts["timeout"]))):
             if value is not None:
                 os.environ[name] = value

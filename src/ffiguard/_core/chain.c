@@ -389,3 +389,24 @@ int ffg_handlers_after_faulthandler(const uintptr_t *before, int enabled)
 }
 
 int ffg_is_trapped(int signo) { return ffg_valid(signo) && ffg_trapped[signo]; }
+
+/* interrupt (issue 16): make ours the first handler for signo (SIGINT), chaining to
+ * whatever is installed now (Python's own SIGINT handler), without trapping it as a
+ * fault. Python's signal.signal() installs its handler over ours: this is asked again
+ * before every call that Ctrl-C may stop (one sigaction query when ours is in place). */
+int ffg_handlers_on_top(int s)
+{
+    if (!ffg_valid(s)) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct sigaction cur;
+    if (sigaction(s, NULL, &cur) != 0)
+        return -1;
+    if (ffg_is_ours(&cur))
+        return 0;
+    pthread_mutex_lock(&ffg_lock);
+    int rc = sigaction(s, NULL, &cur) != 0 ? -1 : ffg_is_ours(&cur) ? 0 : ffg_put_on_top(s, &cur);
+    pthread_mutex_unlock(&ffg_lock);
+    return rc;
+}

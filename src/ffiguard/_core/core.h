@@ -40,4 +40,19 @@ PyObject *ffg_m_cffi_patched(PyObject *mod, PyObject *builtin);
 PyObject *ffg_m_got_slots(PyObject *mod, PyObject *address);
 PyObject *ffg_m_got_write(PyObject *mod, PyObject *args);
 
+/* interrupt.c (issue 16): stopping a hung call. Normal context. */
+#define FFG_NS_PER_S 1000000000.0
+struct ffg_intr_saved { /* the enclosing call's, put back when a nested one ends */
+    uint64_t sigint_token, timer_token;
+    int64_t deadline;
+};
+int ffg_intr_timeout_ns(PyObject *timeout, int64_t *ns); /* None/NULL -> 0; -1 + exception */
+int ffg_intr_begin(struct ffg_thread *t, uint64_t token, int interruptible, int64_t timeout_ns,
+                   struct ffg_intr_saved *saved); /* -1 + exception */
+void ffg_intr_end(struct ffg_thread *t, uint64_t token, const struct ffg_intr_saved *saved);
+int ffg_intr_is_stop(int signo);
+PyObject *ffg_intr_exception(PyObject *record, PyObject *name, PyObject *call_args, PyObject *kwnames,
+                             PyObject *policy, int64_t timeout_ns);
+extern PyMethodDef ffg_intr_methods[];
+
 #endif

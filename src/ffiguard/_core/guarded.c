@@ -185,6 +185,9 @@ typedef struct {
                                      * is the wrapper), or the wrapper itself (GOT mode:
                                      * `target` is the foreign function its GOT slot reaches) */
     vectorcallfunc cffi_vectorcall; /* its own vectorcall (NULL for METH_VARARGS) */
+    int intr;   /* interrupt (issue 16): interruptible or timeout_ns: its calls take ffg_gf_call_intr */
+    int interruptible;  /* Ctrl-C stops its calls (main thread) */
+    int64_t timeout_ns; /* its calls are stopped after this long; 0: no timeout */
 } GuardedFunction;
 
 static struct ffg_thread *ffg_thread_state(void)
@@ -327,7 +330,9 @@ static PyObject *ffg_raise_fault(GuardedFunction *self, struct ffg_thread *t, st
     PyObject *policy = self->policy ? (PyObject *)self->policy : Py_None;
     PyObject *exc = NULL;
     int slow = record && call_args && ffg_fast.after_fault ? ffg_needs_from_record(&copy) : 1;
-    if (slow < 0)
+    if (record && call_args && ffg_intr_is_stop(copy.signo)) /* interrupt (issue 16): a stop, not a fault */
+        exc = ffg_intr_exception(record, self->name, call_args, kwnames, policy, self->timeout_ns);
+    else if (slow < 0)
         ; /* the exception from the lookup stands */
     else if (!slow)
         exc = ffg_fast_exception(&copy, record, self->name, call_args, kwnames, policy);
@@ -454,17 +459,25 @@ static inline void ffg_gf_shield_end(int shield)
 /* Arm this thread for the call, make it, disarm, and raise its fault if it had one. */
 static inline __attribute__((always_inline)) PyObject *
 ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
-                    PyObject *kwnames)
+                    PyObject *kwnames, const int intr)
 {
     uint64_t token = ++t->next_token;
     int shield = ffg_gf_shield_begin(self, &token);
     if (__builtin_expect(shield < 0, 0))
         return NULL;
+    /* interrupt (issue 16): intr is the constant 0 on the plain path (compiled away). */
+    struct ffg_intr_saved saved;
+    if (intr && ffg_intr_begin(t, token, self->interruptible, self->timeout_ns, &saved) < 0) {
+        ffg_gf_shield_end(shield);
+        return NULL;
+    }
     t->armed_token = token;
     ffg_py_position(ffg_py_attached(), &t->armed_host);
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
     PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = 0;
+    if (intr)
+        ffg_intr_end(t, token, &saved); /* interrupt: disarm; a deferred stop becomes its record */
     ffg_gf_shield_end(shield);
     return ffg_gf_finish(self, t, token, result, args, nargsf, kwnames);
 }
@@ -474,16 +487,26 @@ ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const
  * its foreign call. The outer arm is put back afterwards. */
 static __attribute__((noinline, cold)) PyObject *
 ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
-                   PyObject *kwnames)
+                   PyObject *kwnames, int intr)
 {
     uintptr_t outer = t->armed;
     uint64_t outer_token = t->armed_token;
     struct ffg_host outer_host = t->armed_host;
-    PyObject *result = ffg_gf_guarded_call(self, t, args, nargsf, kwnames);
+    PyObject *result = ffg_gf_guarded_call(self, t, args, nargsf, kwnames, intr);
     t->armed = outer;
     t->armed_token = outer_token;
     t->armed_host = outer_host;
     return result;
+}
+
+/* interrupt (issue 16): a call that Ctrl-C or a timeout may stop (interrupt.c). */
+static __attribute__((noinline, cold)) PyObject *
+ffg_gf_call_intr(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
+                 PyObject *kwnames)
+{
+    if (t->armed != 0)
+        return ffg_gf_call_nested(self, t, args, nargsf, kwnames, 1);
+    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames, 1);
 }
 
 static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -497,20 +520,26 @@ static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t n
         return NULL;
     if (__builtin_expect(t->top >= t->end, 0))
         return ffg_too_deep(self);
+    if (__builtin_expect(self->intr != 0, 0)) /* interrupt (issue 16) */
+        return ffg_gf_call_intr(self, t, args, nargsf, kwnames);
     if (__builtin_expect(t->armed != 0, 0))
-        return ffg_gf_call_nested(self, t, args, nargsf, kwnames);
-    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames);
+        return ffg_gf_call_nested(self, t, args, nargsf, kwnames, 0);
+    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames, 0);
 }
 
 #include "cffi_api.inc" /* compiled cffi modules (issue 15): the builtin call path */
 
 static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"function", "name", "policy", "target", "shield", NULL};
-    PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL;
+    static char *kwlist[] = {"function", "name", "policy", "target", "shield", "interruptible", "timeout", NULL};
+    PyObject *wrapped, *name = NULL, *policy = NULL, *target = NULL, *timeout = NULL;
     int shield = 1; /* shield (issue 13) */
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOp:GuardedFunction", kwlist, &wrapped, &name,
-                                     &policy, &target, &shield))
+    int interruptible = 0; /* interrupt (issue 16) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOppO:GuardedFunction", kwlist, &wrapped, &name,
+                                     &policy, &target, &shield, &interruptible, &timeout))
+        return NULL;
+    int64_t timeout_ns = 0;
+    if (ffg_intr_timeout_ns(timeout, &timeout_ns) < 0)
         return NULL;
     uintptr_t target_address = 0;
     if (target && target != Py_None) {
@@ -547,6 +576,9 @@ static PyObject *ffg_gf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->vectorcall = ffg_gf_vectorcall;
     self->shield = shield; /* shield (issue 13) */
+    self->interruptible = interruptible; /* interrupt (issue 16) */
+    self->timeout_ns = timeout_ns;
+    self->intr = interruptible || timeout_ns;
     return (PyObject *)self;
 }
 
@@ -588,6 +620,10 @@ static PyObject *ffg_gf_getattro(PyObject *op, PyObject *name)
 
 static int ffg_gf_setattro(PyObject *op, PyObject *name, PyObject *value)
 {
+    /* interrupt (issue 16): per-function timeout and interruptible are ours */
+    if (PyUnicode_Check(name) && (PyUnicode_CompareWithASCIIString(name, "timeout") == 0 ||
+                                  PyUnicode_CompareWithASCIIString(name, "interruptible") == 0))
+        return PyObject_GenericSetAttr(op, name, value);
     return PyObject_SetAttr(((GuardedFunction *)op)->wrapped, name, value);
 }
 
@@ -648,7 +684,49 @@ static PyObject *ffg_gf_get_shield(GuardedFunction *self, void *closure) /* shie
     return PyBool_FromLong(self->shield);
 }
 
+/* interrupt (issue 16): lib.f.timeout (seconds or None, as isolate's) and
+ * lib.f.interruptible. Written whole; a call reads them once, at its start. */
+static PyObject *ffg_gf_get_timeout(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    if (!self->timeout_ns)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)self->timeout_ns / FFG_NS_PER_S);
+}
+
+static int ffg_gf_set_timeout(GuardedFunction *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    int64_t ns = 0;
+    if (ffg_intr_timeout_ns(value, &ns) < 0)
+        return -1;
+    self->timeout_ns = ns;
+    self->intr = self->interruptible || ns;
+    return 0;
+}
+
+static PyObject *ffg_gf_get_interruptible(GuardedFunction *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->interruptible);
+}
+
+static int ffg_gf_set_interruptible(GuardedFunction *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    int on = value ? PyObject_IsTrue(value) : 0;
+    if (on < 0)
+        return -1;
+    self->interruptible = on;
+    self->intr = on || self->timeout_ns;
+    return 0;
+}
+
 static PyGetSetDef ffg_gf_getset[] = {
+    {"timeout", (getter)ffg_gf_get_timeout, (setter)ffg_gf_set_timeout,
+     "seconds after which a call is stopped (ForeignTimeout), or None", NULL},
+    {"interruptible", (getter)ffg_gf_get_interruptible, (setter)ffg_gf_set_interruptible,
+     "whether Ctrl-C stops a call (on the main thread)", NULL},
     {"__shield__", (getter)ffg_gf_get_shield, NULL, "whether its calls lock shielded memory", NULL},
     {"__policy__", (getter)ffg_gf_get_policy, NULL, "the library's fault policy, or None", NULL},
     {"__wrapped__", (getter)ffg_gf_get_wrapped, NULL, "the ctypes function object called", NULL},

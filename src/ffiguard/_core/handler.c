@@ -73,12 +73,24 @@ static int ffg_self_inflicted(int signo, const siginfo_t *si, const ucontext_t *
  * has anything the callback called, even with the GIL released; a greenlet switched in
  * has its own. Python code running right now (the thread attached to the interpreter)
  * is never the foreign code's. */
+static struct ffg_frame *ffg_position_frame(struct ffg_thread *t, const ucontext_t *uc);
+
 static struct ffg_frame *ffg_guarded_frame(struct ffg_thread *t, int signo, const siginfo_t *si,
                                            const ucontext_t *uc)
 {
     if (!t || t->top <= t->frames + 1 || t->top > t->end)
         return NULL;
-    if (!ffg_self_inflicted(signo, si, uc) || ffg_in_thunk(ffg_uc_pc(uc)))
+    if (!ffg_self_inflicted(signo, si, uc))
+        return NULL;
+    return ffg_position_frame(t, uc);
+}
+
+/* The guarded call whose own foreign code the thread is running, by the interpreter
+ * position (see above), else NULL. Also asked for an interruption (issue 16), which is
+ * never self-inflicted. */
+static struct ffg_frame *ffg_position_frame(struct ffg_thread *t, const ucontext_t *uc)
+{
+    if (!t || t->top <= t->frames + 1 || t->top > t->end || ffg_in_thunk(ffg_uc_pc(uc)))
         return NULL;
     PyThreadState *attached = ffg_py_attached();
     if (attached && FFG_ATTACHED_IS_THIS_THREAD)
@@ -125,17 +137,49 @@ static int ffg_is_stack_overflow(const struct ffg_thread *t, const struct ffg_fa
  * unmaps right now) could still fault: the handler runs with SA_NODEFER, so that fault
  * re-enters it, sees t->unwinding and jumps back here with what was collected so far
  * (nothing is left locked: the unwinder holds no lock). */
-static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
-                 const ucontext_t *uc)
+static int ffg_walk_into(const struct ffg_thread *t, const struct ffg_frame *f, const ucontext_t *uc,
+                         int bad_call, uintptr_t *pcs, int max, volatile int *npcs)
 {
-    uintptr_t lo = r->sp - FFG_RED_ZONE, hi = f->sp;
-    if (lo > r->sp)
+    uintptr_t sp = ffg_uc_sp(uc);
+    uintptr_t lo = sp - FFG_RED_ZONE, hi = f->sp;
+    if (lo > sp)
         lo = 0; /* sp within the red zone of address 0: nothing to read anyway */
     if (t->stack_hi) {
         lo = lo > t->stack_lo ? lo : t->stack_lo;
         hi = hi < t->stack_hi ? hi : t->stack_hi;
     }
-    ffg_unwind(uc, lo, hi, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
+    return ffg_unwind(uc, lo, hi, bad_call, pcs, max, npcs);
+}
+
+static void ffg_walk(const struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
+                 const ucontext_t *uc)
+{
+    ffg_walk_into(t, f, uc, r->access == FFG_ACCESS_EXEC, r->pcs, FFG_MAX_PCS, &r->npcs);
+}
+
+/* interrupt (issue 16): whether every frame between the interrupted code and the guard
+ * frame is known (the walk reached the thunk) and none is the host's own machinery
+ * (the interpreter, ctypes, cffi, libffi: a callback entering or leaving Python, e.g.
+ * holding the GIL's mutex in take_gil). Unknown frames (no unwind information, code in
+ * no ELF object such as libffi's closure trampolines, deeper than FFG_INTR_WALK_MAX)
+ * count as "not known to be foreign": the stop waits. Signal handler. */
+#define FFG_INTR_WALK_MAX 1024 /* frames: 8 KiB of the alternate signal stack */
+
+static int ffg_only_foreign_frames(struct ffg_thread *t, const struct ffg_frame *f, const ucontext_t *uc)
+{
+    uintptr_t pcs[FFG_INTR_WALK_MAX];
+    volatile int n = 0;
+    volatile int complete = 0;
+    t->unwinding = 1;
+    if (sigsetjmp(t->unwind_escape, 0) == 0)
+        complete = ffg_walk_into(t, f, uc, 0, pcs, FFG_INTR_WALK_MAX, &n);
+    t->unwinding = 0;
+    if (!complete)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (ffg_intr_in_host(pcs[i]))
+            return 0;
+    return 1;
 }
 
 static void ffg_capture_pcs(struct ffg_thread *t, const struct ffg_frame *f, struct ffg_fault *r,
@@ -198,6 +242,36 @@ static void ffg_record(struct ffg_thread *t, struct ffg_fault *r, const struct f
     __atomic_fetch_add(&t->npending, 1, __ATOMIC_RELEASE);
 }
 
+/* interrupt (issue 16): stop the guarded call with this token, as a fault is recovered,
+ * if the thread is running that call's own foreign code (ffg_position_frame: never
+ * Python code, never a callback or anything it calls) and no previous handler we
+ * called is running. The record says signo (SIGINT, or the interrupt signal for a
+ * timeout) and code, and no fault address. 1 if stopped, 0 if not now. Signal handler. */
+int ffg_stop_call(struct ffg_thread *t, uint64_t token, int signo, int code, ucontext_t *uc)
+{
+    if (!t || t->unwinding || ffg_chain_busy(uc))
+        return 0;
+    struct ffg_frame *f = ffg_position_frame(t, uc);
+    if (!f || f->token != token)
+        return 0;
+    struct ffg_fault *r = ffg_free_record(t);
+    if (!r)
+        return 0;
+    if (!ffg_only_foreign_frames(t, f, uc))
+        return 0;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    si.si_signo = signo;
+    si.si_code = code;
+    ffg_record(t, r, f, signo, &si, uc);
+    r->has_address = 0; /* a sent signal: no fault address (SI_KERNEL's code is positive) */
+    r->address = 0;
+    ffg_unpoison_skipped_stack(ffg_uc_sp(uc), f->sp);
+    ffg_uc_recover(uc, f, ffg_shield_resume(f));
+    uc->uc_sigmask = t->host_mask;
+    return 1;
+}
+
 void ffg_on_signal(int signo, siginfo_t *si, void *context)
 {
     int saved_errno = errno;
@@ -206,6 +280,12 @@ void ffg_on_signal(int signo, siginfo_t *si, void *context)
 
     if (t && t->unwinding)
         siglongjmp(t->unwind_escape, 1); /* our own unwinder faulted: see capture_pcs */
+    /* interrupt (issue 16): SIGINT (chained to Python's handler first) and the interrupt
+     * signal are never faults (interrupt.c). */
+    if ((signo == SIGINT || signo == ffg_intr_signo) && ffg_intr_on_signal(signo, si, uc)) {
+        errno = saved_errno;
+        return;
+    }
 
     /* A signal while a previous handler we called is running is that handler's business
      * (chain.c), never a guarded call's. */
@@ -241,7 +321,8 @@ uint64_t ffg_recovered_count(int signo)
         return __atomic_load_n(&ffg_recovered[signo], __ATOMIC_RELAXED);
     uint64_t total = 0;
     for (int s = 1; s < FFG_NSIGNALS; s++)
-        total += __atomic_load_n(&ffg_recovered[s], __ATOMIC_RELAXED);
+        if (s != SIGINT && s != ffg_intr_signo) /* interrupt (issue 16): stops are not faults */
+            total += __atomic_load_n(&ffg_recovered[s], __ATOMIC_RELAXED);
     return total;
 }
 

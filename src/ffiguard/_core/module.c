@@ -455,6 +455,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "SUPPORTED", 1) < 0 ||
 #endif
         PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
+        PyModule_AddFunctions(m, ffg_intr_methods) < 0 || /* interrupt (issue 16) */
         PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0 ||
         PyModule_AddObject(m, "TRAP_REGISTERS", ffg_name_tuple(ffg_trap_register_names)) < 0 ||
         PyModule_AddObject(m, "PAGE_FAULT_REGISTERS",

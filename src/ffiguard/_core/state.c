@@ -54,6 +54,7 @@ static void ffg_thread_detach(void *p)
 {
     struct ffg_thread *t = p;
     ffg_tls = NULL;
+    ffg_intr_thread_exit(t); /* interrupt (issue 16): its timer */
     if (t->owns_altstack) {
         stack_t none = {.ss_flags = SS_DISABLE};
         sigaltstack(t->previous_altstack.ss_flags & SS_DISABLE ? &none : &t->previous_altstack, NULL);

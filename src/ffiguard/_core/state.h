@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 #include <ucontext.h>
 
 /* For the unwinder's reads of other frames' stack slots (checked against the stack's
@@ -75,6 +76,26 @@ struct ffg_fault {
     uintptr_t pcs[FFG_MAX_PCS];
 };
 
+/* interrupt (issue 16, interrupt.c): what may stop this thread's guarded calls that are
+ * not faults. Written by the thread's GuardedFunction in normal context and read by the
+ * handler on the same thread; sigint_pending is also written by another thread's SIGINT
+ * handler (atomics). A stop belongs to a call by its token: an expiry or a Ctrl-C that
+ * names a call that has returned names no live call, and does nothing. */
+struct ffg_intr {
+    uint64_t sigint_token;   /* the innermost running call that Ctrl-C stops, 0 none */
+    uint64_t sigint_pending; /* Ctrl-C arrived for that token and has not stopped it yet */
+    int sigint_code;         /* that SIGINT's si_code (kept for the report) */
+    uint64_t timer_token;    /* the innermost running call with a timeout, 0 none */
+    int64_t deadline;        /* its deadline, CLOCK_MONOTONIC nanoseconds */
+    uint64_t deferred;       /* a stop wanted for this call could not be made yet */
+    int deferred_signo;      /* SIGINT or the interrupt signal (a timeout) */
+    int deferred_code;
+    int has_timer;           /* timer exists (made at the thread's first timed call) */
+    int timer_busy;          /* armed (by a call or a retry) and not known to be idle */
+    timer_t timer;           /* signals this thread only (SIGEV_THREAD_ID) */
+    pid_t tid;
+};
+
 struct ffg_thread {
     struct ffg_frame *top; /* T_TOP: the next free frame */
     struct ffg_frame *end; /* T_END */
@@ -90,6 +111,7 @@ struct ffg_thread {
     stack_t previous_altstack;
     int owns_altstack;
     size_t mapping_size;
+    struct ffg_intr intr; /* interrupt (issue 16) */
     struct ffg_fault faults[FFG_MAX_PENDING];
     /* frames[0] is a sentinel (token FFG_SENTINEL_TOKEN): the thunk's pop loop stops
      * there. A frame whose call has returned has token 0 ("dead"): calls can finish out
@@ -118,8 +140,8 @@ uint64_t ffg_unwind_escapes(void);       /* faults inside the unwinder, escaped:
  * innermost first, up to max, keeping *npcs current (a fault while unwinding leaves a
  * valid prefix). Stack reads stay inside [lo, hi); bad_call: pc may be a call's bad
  * target (an instruction fetch fault). */
-void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
-                volatile int *npcs);
+int ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
+               volatile int *npcs); /* 1: the walk reached the guard thunk (every frame known) */
 int ffg_unwind_available(void);          /* glibc has _dl_find_object: frames beyond pc */
 void ffg_unwind_set_available(int on);   /* for the tests: as without _dl_find_object */
 
@@ -136,6 +158,18 @@ int ffg_handlers_refresh(void);
 int ffg_is_trapped(int signo);
 uintptr_t ffg_handler_now(int signo); /* the installed handler's address (SIG_DFL 0, SIG_IGN 1) */
 int ffg_handlers_after_faulthandler(const uintptr_t *before, int enabled); /* before[FFG_NSIGNALS] */
+
+/* interrupt.c / handler.c (issue 16): stopping a hung call (docs/design.md, "Stopping a
+ * hung call"). Signal handler: ffg_intr_on_signal (SIGINT and the interrupt signal; 1 if
+ * it was one of them) and ffg_stop_call (stop the call with this token now, if the
+ * thread is in that call's own foreign code: 1 if stopped). Normal context:
+ * ffg_intr_thread_exit, from the thread-exit destructor. */
+extern volatile sig_atomic_t ffg_intr_signo; /* 0 until set up */
+int ffg_intr_on_signal(int signo, siginfo_t *si, ucontext_t *uc);
+int ffg_stop_call(struct ffg_thread *t, uint64_t token, int signo, int code, ucontext_t *uc);
+void ffg_intr_thread_exit(struct ffg_thread *t);
+int ffg_intr_in_host(uintptr_t pc); /* signal handler: pc is the interpreter's, ctypes', cffi's, libffi's */
+int ffg_handlers_on_top(int signo); /* chain.c: ours first for signo, chaining to what was there */
 
 /* stubs.c */
 uintptr_t ffg_stub_new(uintptr_t target); /* 0 + errno on failure */

@@ -672,8 +672,8 @@ static int ffg_step(uintptr_t *reg, uintptr_t *pc, int first, const struct ffg_s
     return 1;
 }
 
-void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
-                volatile int *npcs)
+int ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
+               volatile int *npcs)
 {
     uintptr_t reg[FFG_UNW_NREGS];
     uintptr_t pc = ffg_uc_pc(uc);
@@ -682,7 +682,7 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
     int n = 0;
     *npcs = 0;
     if (max <= 0)
-        return;
+        return 0;
     ffg_unw_regs_from_uc(uc, reg);
     pcs[n++] = pc;
     *npcs = n;
@@ -692,8 +692,10 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
          * but the call just left the caller's state as the architecture defines it. */
         struct ffg_fde none;
         if (!ffg_find_fde(pc, &none, &cache)) {
-            if (!ffg_unw_bad_call(reg, pc, lo, hi, &pc) || ffg_in_thunk(pc))
-                return;
+            if (!ffg_unw_bad_call(reg, pc, lo, hi, &pc))
+                return 0;
+            if (ffg_in_thunk(pc))
+                return 1;
             pcs[n++] = pc;
             *npcs = n;
             first = 0;
@@ -701,11 +703,12 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
     }
     while (n < max && ffg_step(reg, &pc, first, &stack, &cache)) {
         if (ffg_in_thunk(pc)) /* the foreign call's caller: the end of the foreign frames */
-            break;
+            return 1;
         pcs[n++] = pc;
         *npcs = n; /* what was collected stays valid if a later read faults after all */
         first = 0;
     }
+    return 0; /* stopped short of the thunk (interrupt, issue 16: the frames are not all known) */
 }
 
 #else /* FFG_NO_ARCH: no handler is ever installed */
@@ -713,8 +716,8 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
 int ffg_unwind_available(void) { return 0; }
 void ffg_unwind_set_available(int on) { (void)on; }
 
-void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
-                volatile int *npcs)
+int ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, uintptr_t *pcs, int max,
+               volatile int *npcs)
 {
     (void)lo, (void)hi, (void)bad_call;
     *npcs = 0;
@@ -722,6 +725,7 @@ void ffg_unwind(const ucontext_t *uc, uintptr_t lo, uintptr_t hi, int bad_call, 
         pcs[0] = ffg_uc_pc(uc);
         *npcs = 1;
     }
+    return 0;
 }
 
 #endif

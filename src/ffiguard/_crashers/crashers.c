@@ -232,6 +232,75 @@ EXPORT struct ffg_big ffg_make_big(long base)
     return b;
 }
 
+/* ---- hangs (interrupt, issue 16): each runs until ffiguard stops it ------------ */
+
+/* Spins forever (no system call): only a signal can stop it. */
+EXPORT void ffg_spin_forever(void)
+{
+    for (;;)
+        __asm__ volatile("" ::: "memory");
+}
+
+/* Blocks in read() on a pipe nobody writes (the write end stays open). */
+EXPORT long ffg_block_in_read(void)
+{
+    static int fds[2] = {-1, -1};
+    if (fds[0] < 0 && pipe(fds) != 0)
+        return -1;
+    char byte;
+    return (long)read(fds[0], &byte, 1);
+}
+
+/* sleep(3600). */
+EXPORT unsigned ffg_sleep_long(void)
+{
+    enum { AN_HOUR = 3600 };
+    return sleep(AN_HOUR);
+}
+
+/* Takes a mutex and spins holding it: stopped there, the mutex stays locked and the
+ * next call deadlocks (what on_fault="quarantine" is for). */
+static pthread_mutex_t ffg_hang_lock = PTHREAD_MUTEX_INITIALIZER;
+
+EXPORT void ffg_spin_holding_lock(void)
+{
+    pthread_mutex_lock(&ffg_hang_lock);
+    for (;;)
+        __asm__ volatile("" ::: "memory");
+}
+
+/* Sleeps about `us` microseconds (nanosleep, resumed when a signal interrupts it) and
+ * returns 0; for timeouts that must not fire. */
+EXPORT int ffg_sleep_us(long us)
+{
+    enum { NS_PER_US = 1000, NS_PER_S = 1000000000 };
+    struct timespec left = {.tv_sec = us * NS_PER_US / NS_PER_S, .tv_nsec = us * NS_PER_US % NS_PER_S};
+    while (nanosleep(&left, &left) != 0)
+        ;
+    return 0;
+}
+
+/* One nanosleep of `us` microseconds: -1 when a signal interrupted it (a stray signal). */
+EXPORT int ffg_nanosleep_once(long us)
+{
+    enum { NS_PER_US = 1000, NS_PER_S = 1000000000 };
+    struct timespec t = {.tv_sec = us * NS_PER_US / NS_PER_S, .tv_nsec = us * NS_PER_US % NS_PER_S};
+    return nanosleep(&t, NULL);
+}
+
+/* Calls cb(i) for i = 0, 1, ... until it returns non-zero, spinning `spin` iterations
+ * between calls (time in foreign code); returns that i. */
+EXPORT int ffg_callback_loop(int (*cb)(int), long spin)
+{
+    int i = 0;
+    for (;; i++) {
+        for (volatile long k = 0; k < spin; k++)
+            ;
+        if (cb(i))
+            return i;
+    }
+}
+
 /* ---- the benchmark's baseline: a bare sigsetjmp/siglongjmp fault -> exception --------
  * What a minimal setjmp-based guard costs (cysignals' sig_on/sig_off without its extras):
  * sigsetjmp(env, 0), a NULL read, a SIGSEGV handler that siglongjmps back, then a Python

@@ -14,6 +14,9 @@ from ..faults import (
     ArithmeticFault, BusError, ForeignAbort, ForeignFault, IllegalInstruction,
     SegmentationFault,
 )
+# The same class as trap mode's timeouts (interrupt, issue 16): defined in faults, so
+# that importing it does not load isolate mode.
+from ..faults import ForeignTimeout
 
 __all__ = [
     "HelperDied", "HelperProtocolError", "ForeignExit", "ForeignTimeout", "HelperUnavailable",
@@ -60,16 +63,6 @@ class HelperProtocolError(HelperDied):
 
 class ForeignExit(HelperDied):
     """The isolated library called exit() (or _exit()): ``exit_code`` says with what."""
-
-
-class ForeignTimeout(_Extra, ForeignFault):
-    """An isolated call ran longer than its timeout; the helper was killed (and is
-    restarted for the next call under restart="always").  ``timeout`` (seconds),
-    ``pid`` (of the helper killed), ``function``."""
-
-    _extra_names = ("timeout", "pid")
-    timeout = _extra("timeout")
-    pid = _extra("pid")
 
 
 class HelperUnavailable(ForeignFault):
