@@ -485,3 +485,25 @@ def test_shield_false_per_library(mod):
         assert ffiguard.guard(module.ffi, module.lib).api_deref.__shield__
     finally:
         ffiguard.unshield(buf)
+
+
+def test_timeout_stops_a_compiled_modules_call(mod):
+    # interrupt (issue 16) through both modes: by hand (guard(ffi, lib, timeout=)) and in
+    # place (the module guarded with install()'s timeout); the module works afterwards
+    module = mod[0]
+    ffi, lib = module.ffi, module.lib
+    flag, started = ffi.new("int *"), ffi.new("int *")
+    timed = ffiguard.guard(ffi, lib, timeout=0.1)
+    with pytest.raises(ffiguard.ForeignTimeout) as info:
+        timed.api_wait(flag, started)  # polls a flag nobody sets, for up to 20 s
+    assert started[0] == 1 and info.value.timeout == 0.1 and info.value.function == "api_wait"
+    assert lib.api_add(2, 3) == 5 and timed.api_add(2, 3) == 5
+    assert for_cffi_compiled.guard_module(module, None, None, 0.1)
+    try:
+        assert _core.cffi_patched(lib.api_wait).timeout == 0.1
+        with pytest.raises(ffiguard.ForeignTimeout):
+            lib.api_wait(flag, started)
+    finally:
+        assert for_cffi_compiled.guard_module(module)  # as the fixture installed it
+    assert _core.cffi_patched(lib.api_wait).timeout is None
+    assert lib.api_add(1, 1) == 2

@@ -370,3 +370,31 @@ def test_cffi_function_timeout():
         assert ffiguard.guard(ffi.dlopen(CRASHERS_PATH)).ffg_add.interruptible is True
     finally:
         ffiguard.set_default_interruptible(previous)
+
+
+def test_cffi_library_options_and_install():
+    # per library: guard(ffi, lib, timeout=, interruptible=); a guarded library given other
+    # options is a new library with them; install(timeout=) reaches ffi.dlopen's libraries
+    from conftest import import_cffi
+    cffi = import_cffi()
+    ffi = cffi.FFI()
+    ffi.cdef("void ffg_spin_forever(void); int ffg_add(int, int);")
+    raw = ffi.dlopen(CRASHERS_PATH)
+    lib = ffiguard.guard(ffi, raw, timeout=0.1, interruptible=True)
+    assert lib.ffg_add.timeout == 0.1 and lib.ffg_add.interruptible is True
+    with pytest.raises(ffiguard.ForeignTimeout) as info:
+        lib.ffg_spin_forever()
+    assert (info.value.symbol, info.value.timeout) == ("ffg_spin_forever", 0.1)
+    assert lib.ffg_add(1, 2) == 3
+    plain = ffiguard.guard(ffi, raw)
+    assert plain.ffg_add.timeout is None and ffiguard.guard(plain, timeout=0.1) is not plain
+    assert ffiguard.guard(lib, timeout=0.1) is lib
+    with pytest.raises(ValueError):
+        ffiguard.guard(ffi, raw, timeout=-1)
+    with ffiguard.install(timeout=0.15):
+        installed = cffi.FFI()
+        installed.cdef("void ffg_spin_forever(void);")
+        ilib = installed.dlopen(CRASHERS_PATH)
+        with pytest.raises(ffiguard.ForeignTimeout) as info:
+            ilib.ffg_spin_forever()
+        assert info.value.timeout == 0.15

@@ -118,7 +118,8 @@ def _guarding_methods(original):
         state = _state
         if state is None:  # an ffi made while installed, used after uninstall()
             return lib
-        guarded = for_cffi.guard_library(self, lib, on_fault=state.on_fault)
+        guarded = for_cffi.guard_library(self, lib, on_fault=state.on_fault,  # issue 16:
+                                         interruptible=state.interruptible, timeout=state.timeout)
         keep = getattr(self, "_libraries", None)
         if type(keep) is list:  # cffi.FFI keeps its libraries alive: the wrapper too
             keep.append(guarded)
@@ -204,12 +205,14 @@ def _patch_extension_loader(installation):
     def exec_module(self, module):
         original(self, module)
         if "_cffi_backend" in sys.modules and _state is installation:
-            for_cffi_compiled.after_import(module, installation.on_fault)
+            for_cffi_compiled.after_import(module, installation.on_fault,
+                                           installation.interruptible, installation.timeout)
 
     exec_module.__wrapped__ = original
     exec_module.__doc__ = original.__doc__
     ExtensionFileLoader.exec_module = exec_module
-    for_cffi_compiled.guard_loaded(installation.on_fault)
+    for_cffi_compiled.guard_loaded(installation.on_fault, installation.interruptible,
+                                   installation.timeout)
 
     def undo():
         if ExtensionFileLoader.__dict__.get("exec_module") is exec_module:
@@ -329,8 +332,8 @@ def install(on_fault=None, interruptible=None, timeout=None):
     policy of each library loaded while installed (each library gets its own policy).
     interruptible (Ctrl-C stops a call on the main thread; None: the default of
     set_default_interruptible()) and timeout (seconds per call, None: none) apply to the
-    ctypes libraries loaded while installed (not yet to cffi's: see docs/design.md,
-    "Stopping a hung call").
+    libraries loaded while installed (ctypes and cffi's ffi.dlopen) and to the compiled
+    cffi modules it guards.
     Returns a context manager: ``with ffiguard.install(): ...`` uninstalls at the end.
     Installing again while installed changes nothing (a ``with`` block around such a
     call leaves it installed); asking for another on_fault then is a ValueError.

@@ -67,11 +67,12 @@ def _symbol_name(address):
     return None
 
 
-def guard_function(fp, name=None, policy=None, shield=True):
+def guard_function(fp, name=None, policy=None, shield=True, interruptible=None, timeout=None):
     """A GuardedFunction calling the cffi function pointer `fp` (a cdata of a function
     type) through a guard stub. `name` is used in reports (default: the symbol at the
     address if it is exactly one, else the type and address). `shield` (issue 13):
-    False keeps its calls from locking shielded memory."""
+    False keeps its calls from locking shielded memory. `interruptible` (default:
+    set_default_interruptible()'s) and `timeout` (seconds): issue 16, as for ctypes."""
     if isinstance(fp, _core.GuardedFunction):
         return fp
     if not is_function_pointer(fp):
@@ -91,7 +92,8 @@ def guard_function(fp, name=None, policy=None, shield=True):
         name = _symbol_name(target) or "<%s at %#x>" % (_backend.typeof(fp).cname, target)
     from .interrupt import resolve_interruptible  # interrupt (issue 16): set_default_interruptible()
     return _core.GuardedFunction(stubbed, name, policy, target, bool(shield),  # shield: issue 13
-                                 interruptible=resolve_interruptible(None))
+                                 interruptible=resolve_interruptible(interruptible),
+                                 timeout=timeout)
 
 
 def _find_ffi(lib):
@@ -121,12 +123,17 @@ class GuardedLibrary:
     out-of-line library: ``ffi.dlclose(lib.__wrapped__)``; ``ffi.dlclose(lib)`` works
     for ``cffi.FFI().dlopen`` libraries)."""
 
-    def __init__(self, ffi, lib, policy, shield=True):
+    def __init__(self, ffi, lib, policy, shield=True, interruptible=None, timeout=None):
+        from .interrupt import resolve_interruptible
         d = self.__dict__
         d["__wrapped__"] = lib
         d["_ffiguard_ffi"] = ffi
         d["_ffiguard_policy"] = policy
         d["_ffiguard_shield"] = bool(shield)  # shield (issue 13): False: calls never lock
+        # interrupt (issue 16): Ctrl-C / timeout for its functions (each can change its own)
+        d["_ffiguard_interruptible"] = resolve_interruptible(interruptible)
+        _core.GuardedFunction(len, timeout=timeout)  # a bad timeout is refused here
+        d["_ffiguard_timeout"] = timeout
         # ABI mode: functions are cdata already; API mode: builtins, called by address.
         d["_ffiguard_inline"] = _is_inline_library(lib)
 
@@ -167,14 +174,16 @@ class GuardedLibrary:
         if isinstance(value, _BUILTIN) and _core.cffi_target(value) is not None:
             # API mode: the builtin's own C function (cffi's wrapper) called guarded
             from .for_cffi_compiled import guard_builtin
-            guarded = guard_builtin(value, name, self.__dict__["_ffiguard_policy"],
-                                    self.__dict__["_ffiguard_shield"])
+            d = self.__dict__
+            guarded = guard_builtin(value, name, d["_ffiguard_policy"], d["_ffiguard_shield"],
+                                    d["_ffiguard_interruptible"], d["_ffiguard_timeout"])
             return self.__dict__.setdefault(name, guarded)
         fp = self._ffiguard_function(name, value)
         if fp is None:
             return value
-        guarded = guard_function(fp, name, self.__dict__["_ffiguard_policy"],
-                                 self.__dict__["_ffiguard_shield"])
+        d = self.__dict__
+        guarded = guard_function(fp, name, d["_ffiguard_policy"], d["_ffiguard_shield"],
+                                 d["_ffiguard_interruptible"], d["_ffiguard_timeout"])
         # setdefault is atomic: threads racing to guard `name` all get the first one
         return self.__dict__.setdefault(name, guarded)
 
@@ -213,38 +222,52 @@ class GuardedLibrary:
         return "<ffiguard.GuardedLibrary of %r>" % (self.__dict__["__wrapped__"],)
 
 
-def guard(obj, lib=None, *, on_fault=None, name=None, shield=None):
+def guard(obj, lib=None, *, on_fault=None, name=None, shield=None, interruptible=None,
+          timeout=None):
     """ffiguard.guard() for cffi objects: guard(lib), guard(ffi, lib), guard(function).
     shield=False (issue 13): the library's (or function's) calls never lock memory
-    shielded with ffiguard.shield() or shield_interpreter(); given for a library already
-    guarded (e.g. by install()), a new GuardedLibrary of the same library with it."""
+    shielded with ffiguard.shield() or shield_interpreter(). interruptible=True: Ctrl-C
+    stops its calls on the main thread; timeout=SECONDS: a call running longer is
+    stopped (issue 16). Any of these given for a library already guarded (e.g. by
+    install()) and different from its own: a new GuardedLibrary of the same library."""
+    options = dict(shield=shield, interruptible=interruptible, timeout=timeout)
     if _is_ffi(obj):
         if lib is None:
             raise TypeError("guard(ffi, lib): the library is missing")
-        return guard_library(obj, lib, on_fault=on_fault, shield=shield)
+        return guard_library(obj, lib, on_fault=on_fault, **options)
     if lib is not None:
         raise TypeError("guard(ffi, lib) takes a cffi FFI first, not %s" % type(obj).__name__)
     if isinstance(obj, GuardedLibrary) or is_library(obj):
-        return guard_library(None, obj, on_fault=on_fault, shield=shield)
+        return guard_library(None, obj, on_fault=on_fault, **options)
     if is_function_pointer(obj):
         policy = make_policy(name, on_fault) if on_fault is not None else None
-        return guard_function(obj, name, policy, True if shield is None else shield)
+        return guard_function(obj, name, policy, True if shield is None else shield,
+                              interruptible, timeout)
     if isinstance(obj, _CData):
         raise TypeError("guard() takes a cffi function pointer, not <cdata '%s'>"
                         % _backend.typeof(obj).cname)
     raise TypeError("not a cffi object: %s" % type(obj).__name__)
 
 
-def guard_library(ffi, lib, on_fault=None, policy=None, shield=None):
+def guard_library(ffi, lib, on_fault=None, policy=None, shield=None, interruptible=None,
+                  timeout=None):
     """`lib` (from ffi.dlopen(), or a compiled module's lib) as a GuardedLibrary.
     on_fault: "raise", "quarantine", "exit", or None (the global default). shield
-    (issue 13; default True): False keeps its calls from locking shielded memory."""
+    (issue 13; default True): False keeps its calls from locking shielded memory.
+    interruptible (default: set_default_interruptible()'s), timeout (seconds, default
+    none): issue 16."""
     if isinstance(lib, GuardedLibrary):
         d = lib.__dict__
-        if shield is None or bool(shield) == d["_ffiguard_shield"]:  # shield (issue 13)
+        same = ((shield is None or bool(shield) == d["_ffiguard_shield"]) and
+                (interruptible is None or bool(interruptible) == d["_ffiguard_interruptible"]) and
+                (timeout is None or timeout == d["_ffiguard_timeout"]))
+        if same:
             return lib
-        return GuardedLibrary(ffi if ffi is not None else d["_ffiguard_ffi"], d["__wrapped__"],
-                              d["_ffiguard_policy"], shield)
+        return GuardedLibrary(
+            ffi if ffi is not None else d["_ffiguard_ffi"], d["__wrapped__"], d["_ffiguard_policy"],
+            d["_ffiguard_shield"] if shield is None else shield,
+            d["_ffiguard_interruptible"] if interruptible is None else interruptible,
+            d["_ffiguard_timeout"] if timeout is None else timeout)
     if not is_library(lib):
         raise TypeError("guard(ffi, lib) takes a cffi library (from ffi.dlopen() or a compiled "
                         "module's lib), not %s" % type(lib).__name__)
@@ -253,4 +276,5 @@ def guard_library(ffi, lib, on_fault=None, policy=None, shield=None):
     _check_supported()
     if policy is None:
         policy = make_policy(_library_name(lib), on_fault)
-    return GuardedLibrary(ffi, lib, policy, True if shield is None else shield)
+    return GuardedLibrary(ffi, lib, policy, True if shield is None else shield, interruptible,
+                          timeout)

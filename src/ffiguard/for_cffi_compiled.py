@@ -114,9 +114,10 @@ def unguarded():
 # ---- the mechanism ------------------------------------------------------------------
 
 _BUILTIN = type(len)
-_made = {}  # (builtin, policy, shield) -> its GuardedFunction (kept: see cffi_api.inc)
+_made = {}  # (builtin, policy, shield, interruptible, timeout) -> its GuardedFunction (kept: see cffi_api.inc)
 _policies = {}  # (module name, on_fault) -> the module's policy
 _policy_in_use = {}  # module name -> the policy of its installation now
+_options_in_use = {}  # module name -> (interruptible, timeout) of its installation now
 
 
 def _functions(lib):
@@ -173,17 +174,18 @@ def _got_target(wrapper, name):
     return real
 
 
-def guard_builtin(builtin, name, policy, shield=True):
+def guard_builtin(builtin, name, policy, shield=True, interruptible=False, timeout=None):
     """A GuardedFunction calling the compiled cffi function `builtin` (lib.f) guarded.
     GOT mode where the module calls the C function `name` through GOT slots: the
     wrapper is called directly and the function, through its stub in the slots, is
     armed; whole-wrapper mode otherwise: cffi's wrapper is called through its own stub
     (docs/design.md, "Compiled cffi modules"). shield=False: its calls never lock
-    memory shielded with ffiguard.shield() or shield_interpreter(). Made once per
-    builtin, policy and shield."""
+    memory shielded with ffiguard.shield() or shield_interpreter(). interruptible,
+    timeout: issue 16 (Ctrl-C, seconds per call). Made once per builtin, policy and
+    these options."""
     from .for_ctypes import _stub_for
-    shield = bool(shield)
-    key = (builtin, policy, shield)
+    shield, interruptible = bool(shield), bool(interruptible)
+    key = (builtin, policy, shield, interruptible, timeout)
     gf = _made.get(key)
     if gf is None:
         with _lock:
@@ -199,6 +201,7 @@ def guard_builtin(builtin, name, policy, shield=True):
                 else:
                     gf = _core.cffi_guard(builtin, name, policy, _stub_for(wrapper), None, shield)
                     _modes[builtin] = "wrapper"
+                gf.interruptible, gf.timeout = interruptible, timeout  # issue 16
                 _made[key] = gf
     return gf
 
@@ -219,23 +222,27 @@ def _is_compiled(module):
         _is_backend_ffi(backend, d.get("ffi")) and _own_lib(module, d["lib"])
 
 
-def guard_module(module, on_fault=None):
+def guard_module(module, on_fault=None, interruptible=None, timeout=None):
     """Guard a compiled cffi module in place: every function of its lib. Returns True if
     the module is (now) guarded; False if it is not a compiled cffi module. A failure
-    is recorded for unguarded() and raised."""
+    is recorded for unguarded() and raised. interruptible (None: the default of
+    set_default_interruptible()) and timeout: issue 16, for every function."""
     from .for_ctypes import make_policy
     if not _is_compiled(module):
         return False
     name = module.__name__
     lib = module.__dict__["lib"]
     with _lock:
-        if _guarded.get(name) is lib:
+        from .interrupt import resolve_interruptible
+        options = (resolve_interruptible(interruptible), timeout)
+        if _guarded.get(name) is lib and _options_in_use.get(name) == options:
             return True
         try:
             policy = _policies.get((name, on_fault))
             if policy is None:  # one per module and on_fault: install() again reuses it
                 policy = _policies[(name, on_fault)] = make_policy(name, on_fault)
-            guarded = [guard_builtin(builtin, fname, policy) for fname, builtin in _functions(lib)]
+            guarded = [guard_builtin(builtin, fname, policy, True, *options)
+                       for fname, builtin in _functions(lib)]
             for gf in guarded:
                 _core.cffi_patch(gf, True)
         except BaseException as e:
@@ -244,6 +251,7 @@ def guard_module(module, on_fault=None):
         _failed.pop(name, None)
         _guarded[name] = lib
         _policy_in_use[name] = policy
+        _options_in_use[name] = options
         return True
 
 
@@ -271,21 +279,22 @@ def unguard_modules():
         _guarded.clear()
         _failed.clear()
         _policy_in_use.clear()
+        _options_in_use.clear()
 
 
-def guard_loaded(on_fault=None):
+def guard_loaded(on_fault=None, interruptible=None, timeout=None):
     """Guard every compiled cffi module already in sys.modules (install() does)."""
     for _, module in _compiled_modules():
         try:
-            guard_module(module, on_fault)
+            guard_module(module, on_fault, interruptible, timeout)
         except Exception:
             pass  # recorded in _failed: unguarded() says why
 
 
-def after_import(module, on_fault=None):
+def after_import(module, on_fault=None, interruptible=None, timeout=None):
     """An extension module was just imported while installed: guard it if it is a
     compiled cffi module. Never breaks the import (a failure is listed by unguarded())."""
     try:
-        guard_module(module, on_fault)
+        guard_module(module, on_fault, interruptible, timeout)
     except Exception:
         pass
