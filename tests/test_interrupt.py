@@ -164,7 +164,12 @@ def test_timeout_stops_the_call_with_the_report():
     assert e.timeout == 0.2 and e.function == "ffg_sleep_long" and e.signal is None
     assert "nanosleep" in e.symbol
     assert "stopped after its timeout of 0.2 s" in str(e)
+    report = e.report().splitlines()
     assert "ffg_sleep_long" in e.report()
+    # a stop, not a fault: its own headings, and no fault address to describe
+    assert "Stopped" in report and "Fault" not in report
+    assert any(line.startswith("  stopped in: ") and "nanosleep" in line for line in report)
+    assert "  none: the call was stopped, it did not fault" in report
     assert lib.ffg_add(2, 3) == 5
 
 

@@ -267,9 +267,12 @@ def report(exc, color=False):
     out = []
     add = out.append
     name, meaning = faults.code_name(int(exc.signal), exc.code) if exc.signal is not None else ("?", "?")
+    # a call stopped by Ctrl-C or its timeout (interrupt, issue 16) did not fault
+    stopped = isinstance(exc, faults.ForeignTimeout) or getattr(
+        sys.modules.get("ffiguard.interrupt"), "ForeignInterrupt", ()) is type(exc)
     add(st.bad("%s: %s" % (type(exc).__name__, exc)))
     add("")
-    add(st.head("Fault"))
+    add(st.head("Stopped" if stopped else "Fault"))
     if exc.signal is not None:
         add("  signal:   %s (%d), %s" % (exc.signal.name, int(exc.signal), _SIGNAL_WORDS.get(exc.signal, "")))
         add("  code:     %s (%d): %s" % (name, exc.code, meaning))
@@ -292,7 +295,8 @@ def report(exc, color=False):
     frames = _frames(exc) if exc._raw is not None else None
     if frames:
         f0 = frames[0]
-        add("  faulted in: %s%s" % (f0.where(), " at " + f0.source() if f0.source() else ""))
+        add("  %s in: %s%s" % ("stopped" if stopped else "faulted", f0.where(),
+                                " at " + f0.source() if f0.source() else ""))
         if f0.library:
             add("  library:    %s" % f0.library)
     mode = exc._on_fault
@@ -309,12 +313,16 @@ def report(exc, color=False):
     else:
         out.extend("  #%d 0x%x" % (i, pc) for i, pc in enumerate(exc.frames or []))
     add("")
-    add(st.head("Address") + " (/proc/self/maps read at report time, not at the fault: it may have changed since)")
-    out.extend("  " + line for line in describe_address(exc.address, read_maps(), exc.sp, exc.access))
+    if stopped:
+        add(st.head("Address"))
+        add("  none: the call was stopped, it did not fault")
+    else:
+        add(st.head("Address") + " (/proc/self/maps read at report time, not at the fault: it may have changed since)")
+        out.extend("  " + line for line in describe_address(exc.address, read_maps(), exc.sp, exc.access))
     regs = exc.registers or {}
     if regs:
         add("")
-        add(st.head("Registers at the fault"))
+        add(st.head("Registers when stopped" if stopped else "Registers at the fault"))
         items = ["%-6s 0x%016x" % (k, v) for k, v in regs.items()]
         for i in range(0, len(items), 3):
             add("  " + "   ".join(items[i:i + 3]))
