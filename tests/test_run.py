@@ -225,6 +225,8 @@ def test_worker_guarded():
     import sys
     assert os.environ.get("PYTEST_XDIST_WORKER")
     assert "ffiguard" in sys.modules and sys.modules["ffiguard"].installed()
+    # run's --timeout / --interruptible reach the workers too
+    assert lib.ffg_add.timeout == 5.0 and lib.ffg_add.interruptible is True
 
 
 def test_after():
@@ -235,8 +237,9 @@ def test_after():
 def test_xdist_workers_are_guarded(prog):
     pytest.importorskip("xdist")
     (prog / "test_native.py").write_text(XDIST_TESTS)
-    rc, out, err = run(["-m", "ffiguard", "run", "-m", "pytest", "-n", "2", "-p",
-                        "no:cacheprovider", "test_native.py"], prog, timeout=120)
+    rc, out, err = run(["-m", "ffiguard", "run", "--timeout", "5", "--interruptible", "-m",
+                        "pytest", "-n", "2", "-p", "no:cacheprovider", "test_native.py"], prog,
+                       timeout=120)
     assert rc == 1, out + err
     assert "1 failed, 2 passed" in out, out
     assert "node down" not in out and "crashed worker" not in out, out
