@@ -48,6 +48,16 @@ def lib_with(**kwargs):
     return lib
 
 
+def assert_stopped_in(symbol, frames, where):
+    """A call stopped in a blocking C library call is stopped in that function (`where`)
+    or, glibc 2.41+ (cancellable system calls go through __syscall_cancel_arch and
+    __internal_syscall_cancel), in those helpers with `where` among the frames above."""
+    if where in symbol:
+        return
+    assert "syscall_cancel" in symbol, (symbol, frames)
+    assert any(where in (f or "") for f in frames), (symbol, frames)
+
+
 @pytest.mark.parametrize("name,where", HANGS)
 def test_ctrl_c_stops_a_hung_call_and_the_program_goes_on(name, where):
     rc, out, err = run_python(CTRL_C + f"""
@@ -58,13 +68,15 @@ except KeyboardInterrupt as e:
     late = time.monotonic() - sent[0]
     print(type(e).__name__, isinstance(e, ffiguard.ForeignInterrupt), e.function, e.signal.name)
     print("where", e.symbol, "{name}" in e.report(), late < {SLACK})
+    print("frames", " ".join(f.symbol or "?" for f in ffiguard.report._frames(e)))
 print(lib.ffg_add(1, 2))
 """)
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == f"ForeignInterrupt True {name} SIGINT"
-    assert lines[1].startswith("where ") and where in lines[1] and lines[1].endswith(" True True")
-    assert lines[2] == "3"
+    assert lines[1].startswith("where ") and lines[1].endswith(" True True")
+    assert_stopped_in(lines[1].split()[1], lines[2].split()[1:], where)
+    assert lines[3] == "3"
     assert "Exception ignored" not in err
 
 
@@ -162,14 +174,15 @@ def test_timeout_stops_the_call_with_the_report():
     e = info.value
     assert 0.2 <= took < 0.2 + SLACK
     assert e.timeout == 0.2 and e.function == "ffg_sleep_long" and e.signal is None
-    assert "nanosleep" in e.symbol
+    from ffiguard import report
+    assert_stopped_in(e.symbol, [f.symbol for f in report._frames(e)], "nanosleep")
     assert "stopped after its timeout of 0.2 s" in str(e)
-    report = e.report().splitlines()
+    lines = e.report().splitlines()
     assert "ffg_sleep_long" in e.report()
     # a stop, not a fault: its own headings, and no fault address to describe
-    assert "Stopped" in report and "Fault" not in report
-    assert any(line.startswith("  stopped in: ") and "nanosleep" in line for line in report)
-    assert "  none: the call was stopped, it did not fault" in report
+    assert "Stopped" in lines and "Fault" not in lines
+    assert any(line.startswith("  stopped in: " + e.symbol) for line in lines)
+    assert "  none: the call was stopped, it did not fault" in lines
     assert lib.ffg_add(2, 3) == 5
 
 
@@ -236,7 +249,7 @@ except ffiguard.ForeignTimeout as e:
 def test_a_callback_loop_is_never_stopped_in_the_interpreters_own_code():
     # Almost all the time goes to entering and leaving the callback (the closure
     # trampoline, libffi, ctypes, PyGILState_Ensure/take_gil): a stop there (the GIL's
-    # mutex held) hung the next call. Five such calls, each stopped, then one more.
+    # mutex held) hung the next call. Three such calls, each stopped, then one more.
     rc, out, err = run_python("""
 import ffiguard
 lib = ffiguard.CDLL(CRASHERS_PATH, timeout=0.1)
@@ -250,15 +263,15 @@ def cb(i):
     finally:
         counts[1] += 1
 stopped = 0
-for n in range(5):
+for n in range(3):
     try:
         lib.ffg_callback_loop(CALLBACK(cb), 0)
     except ffiguard.ForeignTimeout:
         stopped += 1
 print(stopped, counts[0] == counts[1], lib.ffg_add(1, 2))
-""")
+""", timeout=120)
     assert rc == 0, err
-    assert out == "5 True 3\n"
+    assert out == "3 True 3\n"
 
 
 def test_timeout_values_and_the_per_function_attribute():

@@ -133,8 +133,11 @@ class _Session:
             fault = run.find_fault(unraisable.exc_value)
             if fault is None:
                 return
-            where = "%s: %s" % (unraisable.err_msg or "Exception ignored in",
-                                _short_repr(unraisable.object))
+            if unraisable.object is None and unraisable.err_msg:
+                where = unraisable.err_msg  # 3.14+: the message names the object itself
+            else:
+                where = "%s: %s" % (unraisable.err_msg or "Exception ignored in",
+                                    _short_repr(unraisable.object))
             self.unraisable.append((self.current, fault.signal.name, where))
         except Exception:  # never break the hook chain
             pass

@@ -278,7 +278,12 @@ def _command(source):
     __main__ has no __file__, its loader is BuiltinImporter, as python's."""
     import importlib.machinery
 
+    import linecache
+
     code = compile(source, "<string>", "exec", dont_inherit=True)
+    if sys.version_info >= (3, 13):  # python -c keeps the source for its tracebacks
+        linecache.cache["<string>"] = (len(source), None,
+                                       [line + "\n" for line in source.splitlines()], "<string>")
     attrs = dict(__loader__=importlib.machinery.BuiltinImporter, __spec__=None,
                  __package__=None)
     if sys.version_info < (3, 14):

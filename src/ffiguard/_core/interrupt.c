@@ -44,7 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define FFG_INTR_RETRY_NS (10 * 1000 * 1000) /* a deferred stop is tried again after 10 ms */
+#define FFG_INTR_RETRY_NS (1000 * 1000) /* a deferred stop is tried again after 1 ms */
 #define FFG_NS_PER_S_INT 1000000000LL
 #define FFG_TIMEOUT_MAX_S 1e9 /* ~31 years: keeps the deadline inside int64 nanoseconds */
 #define FFG_STRINGIFY_(x) #x

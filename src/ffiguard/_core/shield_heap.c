@@ -284,6 +284,7 @@ PyObject *ffg_shield_heap_m_enable(PyObject *m, PyObject *args)
 #ifdef Py_GIL_DISABLED
     (void)ffg_heap_arena_alloc, (void)ffg_heap_arena_free, (void)ffg_heap_malloc;
     (void)ffg_heap_calloc, (void)ffg_heap_realloc, (void)ffg_heap_free;
+    (void)ffg_heap_prev_obj; /* only the MEM domain's is read by the hooks */
     PyErr_SetString(PyExc_RuntimeError,
                     "this is a free-threaded build: its objects live in mimalloc heaps, "
                     "which have no arena allocator hook to put under a protection key");
