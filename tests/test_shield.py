@@ -107,6 +107,22 @@ def test_python_reads_and_writes(crashers, shielded_buf):
     assert crashers.ffg_read_at(address_of(shielded_buf) + 100) == int.from_bytes(b"abcd", "little")
 
 
+def test_stopped_shielded_call_puts_the_lock_back(crashers, shielded_buf):
+    # interrupt (issue 16): a shielded call stopped by its timeout resumes through the
+    # same return path as a fault: Python code can write afterwards, guarded code cannot
+    target = address_of(shielded_buf) + 8
+    spin = ffiguard.guard(crashers.ffg_spin_forever, timeout=0.2)
+    for i in range(3):
+        with pytest.raises(ffiguard.ForeignTimeout) as info:
+            spin()
+        assert info.value.symbol == "ffg_spin_forever"
+        shielded_buf[8] = i + 1
+        with pytest.raises(ffiguard.ProtectionKeyViolation) as info:
+            crashers.ffg_write_at(target, 0x7f)
+        check_violation(info.value, target, shielded_buf)
+        assert shielded_buf[8] == i + 1
+
+
 def test_unshield_and_shield_false(crashers, shielded_buf):
     target = address_of(shielded_buf) + 8
     unshielded = ffiguard.guard(crashers.ffg_write_at, shield=False)
