@@ -23,7 +23,8 @@ from ffiguard import _core, for_cffi_compiled  # noqa: E402
 
 LINKAGES = ("shared", "static")
 
-CDEF = """
+# The C functions' declarations, shared by the cdef and the module's C source.
+PROTOTYPES = """
 struct api_point { int x, y; };
 int api_add(int a, int b);
 int api_deref(uintptr_t address);
@@ -34,6 +35,9 @@ int api_wait(int *flag, int *started);
 int api_point_sum(struct api_point p);
 int api_sum(int *xs, int n);
 int api_call(int (*cb)(int), int x);
+"""
+
+CDEF = PROTOTYPES + """
 int api_run_cb(int x);
 extern "Python" int api_py_cb(int);
 extern int api_counter;
@@ -68,20 +72,7 @@ int api_sum(int *xs, int n) { int s = 0; for (int i = 0; i < n; i++) s += xs[i];
 int api_call(int (*cb)(int), int x) { return cb(x) + 1; }
 """
 
-DECLARATIONS = r"""
-#include <stdint.h>
-struct api_point { int x, y; };
-extern int api_counter;
-int api_add(int a, int b);
-int api_deref(uintptr_t address);
-int api_read_null(void);
-int api_set_errno(int e);
-int api_errno_then_fault(int e);
-int api_wait(int *flag, int *started);
-int api_point_sum(struct api_point p);
-int api_sum(int *xs, int n);
-int api_call(int (*cb)(int), int x);
-"""
+DECLARATIONS = "#include <stdint.h>\nextern int api_counter;\n" + PROTOTYPES
 
 MODULE_GLUE = r"""
 #define API_ANSWER 42

@@ -51,6 +51,15 @@ def _rebuild(cls, values):
 _NO_NOTES = object()  # __notes__ was deleted
 
 
+def _init_fields(exc, message, fields):
+    """The state a ForeignFault (or interrupt's ForeignInterrupt, a KeyboardInterrupt
+    with its attributes) is made with: no raw record, the given fields."""
+    exc._raw = None
+    exc._values = dict(fields)
+    if message is not None:
+        exc._values["message"] = message
+
+
 class ForeignFault(Exception):
     """A foreign (native) function faulted; ffiguard stopped it and raised this instead
     of letting the process die.
@@ -78,10 +87,7 @@ class ForeignFault(Exception):
 
     def __init__(self, message=None, **fields):
         super().__init__()
-        self._raw = None
-        self._values = dict(fields)
-        if message is not None:
-            self._values["message"] = message
+        _init_fields(self, message, fields)
 
     @classmethod
     def _from_record(cls, record, function, call=None):

@@ -19,7 +19,8 @@ import signal as _signal
 import threading as _threading
 
 from . import _core
-from .faults import REC_FRAMES, REC_SIGNAL, ForeignFault, ForeignTimeout, _field, _stop_message
+from .faults import (REC_FRAMES, REC_SIGNAL, ForeignFault, ForeignTimeout, _field, _init_fields,
+                     _stop_message)
 from .policy import after_fault as _after_fault
 
 __all__ = ["ForeignInterrupt", "ForeignTimeout", "set_default_interruptible",
@@ -37,10 +38,7 @@ class ForeignInterrupt(KeyboardInterrupt):
 
     def __init__(self, message=None, **fields):
         super().__init__()
-        self._raw = None
-        self._values = dict(fields)
-        if message is not None:
-            self._values["message"] = message
+        _init_fields(self, message, fields)
 
 
 # ForeignFault's attributes and methods, shared (a KeyboardInterrupt cannot also be a

@@ -388,12 +388,9 @@ static struct PyModuleDef ffg_module = {
     -1, ffg_methods, NULL, NULL, NULL, NULL,
 };
 
-/* A tuple of the names in a NULL-terminated array. */
-static PyObject *ffg_name_tuple(const char *const *names)
+/* A tuple of the first n names of an array. */
+static PyObject *ffg_name_tuple(const char *const *names, Py_ssize_t n)
 {
-    Py_ssize_t n = 0;
-    while (names[n])
-        n++;
     PyObject *t = PyTuple_New(n);
     for (Py_ssize_t i = 0; t && i < n; i++) {
         PyObject *name = PyUnicode_FromString(names[i]);
@@ -406,19 +403,9 @@ static PyObject *ffg_name_tuple(const char *const *names)
     return t;
 }
 
-static PyObject *ffg_register_tuple(void)
-{
-    PyObject *t = PyTuple_New(FFG_NREGS);
-    for (int i = 0; t && i < FFG_NREGS; i++) {
-        PyObject *name = PyUnicode_FromString(ffg_register_names[i]);
-        if (!name) {
-            Py_CLEAR(t);
-            break;
-        }
-        PyTuple_SET_ITEM(t, i, name);
-    }
-    return t;
-}
+/* Entries of a NULL-terminated name array, without the NULL (which keeps an
+ * architecture's empty list a valid array). */
+#define FFG_NAMES_IN(array) ((Py_ssize_t)(sizeof(array) / sizeof((array)[0])) - 1)
 
 PyMODINIT_FUNC PyInit__core(void)
 {
@@ -456,10 +443,11 @@ PyMODINIT_FUNC PyInit__core(void)
 #endif
         PyModule_AddFunctions(m, ffg_shield_methods) < 0 || /* shield (issue 13) */
         PyModule_AddFunctions(m, ffg_intr_methods) < 0 || /* interrupt (issue 16) */
-        PyModule_AddObject(m, "REGISTER_NAMES", ffg_register_tuple()) < 0 ||
-        PyModule_AddObject(m, "TRAP_REGISTERS", ffg_name_tuple(ffg_trap_register_names)) < 0 ||
+        PyModule_AddObject(m, "REGISTER_NAMES", ffg_name_tuple(ffg_register_names, FFG_NREGS)) < 0 ||
+        PyModule_AddObject(m, "TRAP_REGISTERS", ffg_name_tuple(ffg_trap_register_names, FFG_NAMES_IN(ffg_trap_register_names))) < 0 ||
         PyModule_AddObject(m, "PAGE_FAULT_REGISTERS",
-                           ffg_name_tuple(ffg_page_fault_register_names)) < 0 ||
+                           ffg_name_tuple(ffg_page_fault_register_names,
+                                          FFG_NAMES_IN(ffg_page_fault_register_names))) < 0 ||
         PyModule_AddStringConstant(m, "TRAPNO_REGISTER", FFG_TRAPNO_REG) < 0 ||
         PyModule_AddIntConstant(m, "TRAP_PAGE_FAULT", FFG_TRAP_PAGE_FAULT) < 0) {
         Py_DECREF(m);
