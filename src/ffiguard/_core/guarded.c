@@ -456,10 +456,13 @@ static inline void ffg_gf_shield_end(int shield)
         ffg_shield_fallback_unlock();
 }
 
-/* Arm this thread for the call, make it, disarm, and raise its fault if it had one. */
+/* Arm this thread for the call, make it, disarm, and raise its fault if it had one.
+ * cffi (a constant, as intr): a compiled cffi module's builtin (cffi_api.inc), whose C
+ * function (cffi's wrapper) is called through cffi_stub with cffi_arg, the argument as
+ * the builtin takes it; otherwise the ctypes/cffi function object through its tp_call. */
 static inline __attribute__((always_inline)) PyObject *
-ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
-                    PyObject *kwnames, const int intr)
+ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *cffi_arg, PyObject *const *args,
+                    size_t nargsf, PyObject *kwnames, const int intr, const int cffi)
 {
     uint64_t token = ++t->next_token;
     int shield = ffg_gf_shield_begin(self, &token);
@@ -471,11 +474,17 @@ ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const
         ffg_gf_shield_end(shield);
         return NULL;
     }
+    PyThreadState *ts = ffg_py_attached(); /* ours: the caller holds the GIL / is attached */
     t->armed_token = token;
-    ffg_py_position(ffg_py_attached(), &t->armed_host);
+    ffg_py_position(ts, &t->armed_host);
     t->armed = self->target; /* the thunk takes the arm into the guard frame and clears it */
-    PyObject *result = ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
+    PyObject *result = cffi ? ((PyCFunction)self->cffi_stub)(self->cffi_self, cffi_arg)
+                            : ffg_call_wrapped(self->wrapped, args, nargsf, kwnames);
     t->armed = 0;
+    /* A compiled module in whole-wrapper mode: a recovery or a stop (only ever made with
+     * the thread detached) skipped the rest of cffi's wrapper, which re-attaches it. */
+    if (cffi && (intr || __atomic_load_n(&t->npending, __ATOMIC_ACQUIRE) != 0) && ffg_py_attached() != ts)
+        PyEval_RestoreThread(ts);
     if (intr)
         ffg_intr_end(t, token, &saved); /* interrupt: disarm; a deferred stop becomes its record */
     ffg_gf_shield_end(shield);
@@ -486,13 +495,13 @@ ffg_gf_guarded_call(GuardedFunction *self, struct ffg_thread *t, PyObject *const
  * from_param or _as_parameter_ running Python code) between the outer call's arming and
  * its foreign call. The outer arm is put back afterwards. */
 static __attribute__((noinline, cold)) PyObject *
-ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
-                   PyObject *kwnames, int intr)
+ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *cffi_arg, PyObject *const *args,
+                   size_t nargsf, PyObject *kwnames, int intr, int cffi)
 {
     uintptr_t outer = t->armed;
     uint64_t outer_token = t->armed_token;
     struct ffg_host outer_host = t->armed_host;
-    PyObject *result = ffg_gf_guarded_call(self, t, args, nargsf, kwnames, intr);
+    PyObject *result = ffg_gf_guarded_call(self, t, cffi_arg, args, nargsf, kwnames, intr, cffi);
     t->armed = outer;
     t->armed_token = outer_token;
     t->armed_host = outer_host;
@@ -501,30 +510,49 @@ ffg_gf_call_nested(GuardedFunction *self, struct ffg_thread *t, PyObject *const 
 
 /* interrupt (issue 16): a call that Ctrl-C or a timeout may stop (interrupt.c). */
 static __attribute__((noinline, cold)) PyObject *
-ffg_gf_call_intr(GuardedFunction *self, struct ffg_thread *t, PyObject *const *args, size_t nargsf,
-                 PyObject *kwnames)
+ffg_gf_call_intr(GuardedFunction *self, struct ffg_thread *t, PyObject *cffi_arg, PyObject *const *args,
+                 size_t nargsf, PyObject *kwnames, int cffi)
 {
     if (t->armed != 0)
-        return ffg_gf_call_nested(self, t, args, nargsf, kwnames, 1);
-    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames, 1);
+        return ffg_gf_call_nested(self, t, cffi_arg, args, nargsf, kwnames, 1, cffi);
+    return ffg_gf_guarded_call(self, t, cffi_arg, args, nargsf, kwnames, 1, cffi);
 }
 
-static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* NULL + LibraryQuarantined when the function's library is quarantined. */
+static __attribute__((noinline, cold)) PyObject *ffg_gf_quarantined(GuardedFunction *self)
 {
-    GuardedFunction *self = (GuardedFunction *)op;
-    if (__builtin_expect(self->policy && __atomic_load_n(&self->policy->quarantined, __ATOMIC_RELAXED), 0))
-        return PyErr_Format(ffg_quarantine_error, "%S is quarantined after a fault: %S not called "
-                            "(release the library to call it again)", self->policy->name, self->name);
+    return PyErr_Format(ffg_quarantine_error, "%S is quarantined after a fault: %S not called "
+                        "(release the library to call it again)", self->policy->name, self->name);
+}
+
+static inline int ffg_gf_is_quarantined(GuardedFunction *self)
+{
+    return __builtin_expect(self->policy && __atomic_load_n(&self->policy->quarantined, __ATOMIC_RELAXED), 0);
+}
+
+/* The guarded call, from either kind of caller (see ffg_gf_guarded_call). */
+static inline __attribute__((always_inline)) PyObject *
+ffg_gf_call(GuardedFunction *self, PyObject *cffi_arg, PyObject *const *args, size_t nargsf,
+            PyObject *kwnames, const int cffi)
+{
     struct ffg_thread *t = ffg_tls;
     if (__builtin_expect(t == NULL, 0) && !(t = ffg_thread_state()))
         return NULL;
     if (__builtin_expect(t->top >= t->end, 0))
         return ffg_too_deep(self);
     if (__builtin_expect(self->intr != 0, 0)) /* interrupt (issue 16) */
-        return ffg_gf_call_intr(self, t, args, nargsf, kwnames);
+        return ffg_gf_call_intr(self, t, cffi_arg, args, nargsf, kwnames, cffi);
     if (__builtin_expect(t->armed != 0, 0))
-        return ffg_gf_call_nested(self, t, args, nargsf, kwnames, 0);
-    return ffg_gf_guarded_call(self, t, args, nargsf, kwnames, 0);
+        return ffg_gf_call_nested(self, t, cffi_arg, args, nargsf, kwnames, 0, cffi);
+    return ffg_gf_guarded_call(self, t, cffi_arg, args, nargsf, kwnames, 0, cffi);
+}
+
+static PyObject *ffg_gf_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    GuardedFunction *self = (GuardedFunction *)op;
+    if (ffg_gf_is_quarantined(self))
+        return ffg_gf_quarantined(self);
+    return ffg_gf_call(self, NULL, args, nargsf, kwnames, 0);
 }
 
 #include "cffi_api.inc" /* compiled cffi modules (issue 15): the builtin call path */
